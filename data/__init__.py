@@ -1,0 +1,1 @@
+"""Datasets, list handling and the toy-dataset generator."""

@@ -1,0 +1,1 @@
+"""SP-CAM maths, stages and on-disk formats."""

@@ -1,0 +1,248 @@
+"""Typed run configuration: defaults here, YAML files in ``scripts/configs/``, ``section.key=value`` overrides.
+
+Every empirical constant of the method is a field below, with a comment saying where it comes from
+("ref" = the published SP-CAM code). A config file or override naming an unknown key, or giving a value of the
+wrong type, is an error that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sp_cam.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class RunConfig:
+    work_dir: str = "work/toy"  # every output of a run goes under this folder
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    log_level: str = "INFO"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "toy"  # toy | voc12 | coco14 | folder (any VOC-layout root)
+    root: str = ""  # "" -> dataset_root.py for voc12/coco14, WORK_DIR/toy_data for toy
+    saliency_dir: str = ""  # "" -> ROOT/saliency_map if present; "none" -> labels-only mode
+    train_split: str = "train"  # stages A, 1, 2 train on it; step B exports CAMs for it
+    eval_split: str = "val"  # per-epoch model selection (ref: VOC train)
+    pseudo_split: str = "train"  # stage 3 writes pseudo labels for it and scores them where GT exists
+    crop_size: int = 512  # ref: random 512x512 crop
+    resize_long_min: int = 320  # ref: long side drawn from U[320, 640]
+    resize_long_max: int = 640
+    num_workers: int = 2
+
+
+@dataclass
+class ToyConfig:
+    num_train: int = 160
+    num_val: int = 40
+    image_size: int = 160
+    seed: int = 0
+
+
+@dataclass
+class FCNConfig:
+    """Stage 1: superpixel FCN (SpixelNet) and its loss (ref: train_Q.py, QLoss)."""
+
+    cell_size: int = 16  # superpixel grid cell in pixels (ref: 16)
+    init: str = ""  # optional published SpixelFCN / Q weights to start from
+    weights: str = ""  # use these trained FCN weights instead of training stage 1
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 5e-4  # ref: Adam 5e-4, no schedule
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    shuffle: bool = True  # ref: False (a defect, D3)
+    mode: str = "auto"  # auto | saliency | labels_only (auto: labels_only when there are no saliency maps)
+    sal_threshold: float = 0.2  # ref: saliency/255 > 0.2 -> foreground
+    pos_weight: float = 0.003  # ref: SpixelFCN position weight, divided by the cell size
+    color_weight: float = 1.0  # labels-only mode: weight of the CIELAB reconstruction (SpixelFCN unsupervised)
+    recon_weight: float = 0.005  # ref: L_p = 0.005 * (L_sem + L_pos)
+    th_bg: float = 0.05  # ref: affinity labels, background threshold
+    th_step: float = 0.5  # ref: a cell is certain if its max fg score is not within [th_bg, th_bg + th_step]
+    th_fg: float = 0.05  # ref: ambiguous if 2nd fg score > th_fg * max fg score
+    relu_t: float = 0.75  # ref: L_press hinge on the self-affinity
+    interior_min_same: int = 15  # ref: interior cell if more than 15 of 25 neighbours share its label
+    press_weight: float = 1.0  # ref: L = L_p + 1 * L_press + 2 * L_diff
+    diff_weight: float = 2.0
+    affinity_warmup: float = 0.7  # ref: affinity terms only after 70 % of the iterations
+    val_grid: int = 12  # ref (intended, 5.3): GT downsampled to 12x12 before reconstruction
+    val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
+    val_max_images: int = 0  # 0 = the whole eval split
+
+
+@dataclass
+class ClassifierConfig:
+    """Stages A and 2: CAM baseline and SP-CAM classifier (ref: train.py)."""
+
+    backbone: str = "resnest50"  # resnet50 | resnet101 | resnest50 | resnest101 | efficientnet_lite0 | tiny
+    pretrained: str = ""  # "" random init (warns) | local .pth/.safetensors | "named" library source | "lite0-pypi"
+    freeze_backbone: bool = False  # train only the heads on frozen features
+    epochs: int = 12
+    batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per optimizer step (reproduce a 4-GPU batch on 1 GPU)
+    lr: float = 0.01
+    weight_decay: float = 4e-5
+    momentum: str = "reference"  # reference: 4e-5, the PolyOptimizer bug (D1) | intended: 0.9
+    nesterov: bool = True
+    poly_power: float = 0.9
+    classifier_lr_mult: float = 10.0  # ref: classifier weights at 10x
+    drm_encoder_lr_mult: float = 10.0  # ref (D2): PSAM encoder at 10x
+    drm_head_lr_mult: float = 500.0  # ref (D2): kernel head at 500x
+    drm_encoder_widths: list[int] = field(default_factory=lambda: [32, 32, 64, 128, 128])  # ref get_qfeats
+    drm_head_widths: list[int] = field(default_factory=lambda: [1024, 256, 128])  # ref get_tran_conv
+    alpha: float = 0.5  # ref: EPS saliency-loss weight
+    tau: float = 0.4  # ref: EPS class-validity overlap threshold
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    select: str = "gt"  # gt: best eval mIoU (ref) | last: last epoch
+    eval_t: list[int] = field(default_factory=lambda: [0, 20])  # ref in-training evaluation
+    eval_th: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
+    eval_max_images: int = 0  # 0 = the whole eval split
+    log_every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """Step B: multi-scale CAMs of the baseline for the stage-1 loss."""
+
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    dtype: str = "uint8"  # uint8 | float16
+
+
+@dataclass
+class PseudoConfig:
+    """Stage 3: inference, random walk, PSAM upsampling, pseudo labels (ref: evaluator.py)."""
+
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    t_list: list[int] = field(default_factory=lambda: [0, 20, 30, 40])
+    th_list: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
+    select: str = "gt"  # gt: best (t, th) by GT mIoU on the split (ref, D8) | fixed: use t and th below
+    t: int = 20
+    th: float = 0.3
+    renormalize_asam: bool = False  # D6: ref keeps the border mass loss
+    upsample: str = "psam"  # psam | bilinear
+    ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
+    save_scores: bool = False  # also write fused score maps (.npz)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    fcn: FCNConfig = field(default_factory=FCNConfig)
+    cam: ClassifierConfig = field(default_factory=ClassifierConfig)
+    spcam: ClassifierConfig = field(default_factory=ClassifierConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """All ``section.key`` names of the schema."""
+    cfg = cfg or Config()
+    return [f"{s.name}.{k.name}" for s in dataclasses.fields(cfg) for k in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_hint,) = typing.get_args(hint)[:1]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_hint, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported union type {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections or not name:
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if name not in hints:
+        keys = [f"{section}.{n}" for n in hints]
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys in [{section}]: {', '.join(keys)}")
+    setattr(sub, name, _coerce(value, hints[name], f"{source}: {key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (two levels: section -> key), then ``section.key=value`` overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+            for name, value in values.items():
+                _set(cfg, f"{section}.{name}", value, str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set(cfg, key.strip(), value, "override")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(raw: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
+    cfg = Config()
+    for section, values in raw.items():
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, "saved config")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
