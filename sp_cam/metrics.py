@@ -43,7 +43,7 @@ class IoUResult:
         """Per-class IoU table in percent, then the two means."""
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(self.iou))]
         width = max(len(n) for n in names + ["mIoU (fg only)"])
-        lines = [f"{n:<{width}}  {100 * v:6.2f}" for n, v in zip(names, self.iou)]
+        lines = [f"{n:<{width}}  {100 * v:6.2f}" for n, v in zip(names, self.iou, strict=True)]
         lines.append(f"{'mIoU':<{width}}  {self.miou:6.2f}")
         lines.append(f"{'mIoU (fg only)':<{width}}  {self.fg_miou:6.2f}")
         return "\n".join(lines)
@@ -55,4 +55,6 @@ def iou_from_confusion(conf: np.ndarray) -> IoUResult:
     tp = np.diag(conf)
     denom = conf.sum(0) + conf.sum(1) - tp
     iou = tp / (denom + 1e-10)
-    return IoUResult(iou=iou, miou=float(100 * iou.mean()), fg_miou=float(100 * iou[1:].mean()) if len(iou) > 1 else 0.0)
+    return IoUResult(
+        iou=iou, miou=float(100 * iou.mean()), fg_miou=float(100 * iou[1:].mean()) if len(iou) > 1 else 0.0
+    )

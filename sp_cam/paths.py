@@ -13,7 +13,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def from_work_dir(cls, work_dir: str | Path) -> "RunPaths":
+    def from_work_dir(cls, work_dir: str | Path) -> RunPaths:
         return cls(Path(work_dir))
 
     @property

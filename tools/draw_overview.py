@@ -1,6 +1,6 @@
 """Draw the three-stage overview diagram of the README (figures/overview.png) with PIL only.
 
-    python tools/draw_overview.py [--out figures/overview.png]
+python tools/draw_overview.py [--out figures/overview.png]
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ BOXES = [
     (2, 0, 1, "Step B", ["multi-scale CAM", "export (.npz)"], (255, 228, 196)),
     (3, 0, 1, "Stage 1", ["superpixel FCN", "L_p + L_press + L_diff"], (204, 229, 255)),
     (3, 1, 1, "PSAM (B,9,H,W)", ["ASAM (B,25,h,w)", "closed form"], (204, 229, 255)),
-    (1, 2, 2, "Stage 2: SP-CAM classifier", ["backbone -> CAM logits", "DRM kernels from [x5, E(PSAM)]"], (212, 240, 212)),
+    (
+        1,
+        2,
+        2,
+        "Stage 2: SP-CAM classifier",
+        ["backbone -> CAM logits", "DRM kernels from [x5, E(PSAM)]"],
+        (212, 240, 212),
+    ),
     (3, 2, 1, "Stage 3", ["multi-scale + flip", "random walk on ASAM", "PSAM upsampling"], (255, 214, 214)),
     (4, 2, 1, "pseudo labels", ["PNG 0..K", "-> DeepLab-V2"], (236, 236, 236)),
 ]
@@ -69,7 +76,11 @@ def draw(out: Path) -> None:
         dx, dy = end[0] - start[0], end[1] - start[1]
         norm = max((dx * dx + dy * dy) ** 0.5, 1e-6)
         ux, uy = dx / norm, dy / norm
-        tip = [end, (end[0] - 12 * ux + 6 * uy, end[1] - 12 * uy - 6 * ux), (end[0] - 12 * ux - 6 * uy, end[1] - 12 * uy + 6 * ux)]
+        tip = [
+            end,
+            (end[0] - 12 * ux + 6 * uy, end[1] - 12 * uy - 6 * ux),
+            (end[0] - 12 * ux - 6 * uy, end[1] - 12 * uy + 6 * ux),
+        ]
         d.polygon(tip, fill=(60, 60, 60))
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
