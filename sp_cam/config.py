@@ -84,6 +84,8 @@ class FCNConfig:
     val_grid: int = 12  # ref (intended, 5.3): GT downsampled to 12x12 before reconstruction
     val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
     val_max_images: int = 0  # 0 = the whole eval split
+    mask_padding: bool = True  # extension: crop padding left out of the loss (ref counts padded pixels as background)
+    log_every: int = 10  # steps between JSON-lines training records
 
 
 @dataclass
@@ -113,6 +115,7 @@ class ClassifierConfig:
     eval_t: list[int] = field(default_factory=lambda: [0, 20])  # ref in-training evaluation
     eval_th: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
     eval_max_images: int = 0  # 0 = the whole eval split
+    eval_every: int = 1  # evaluate every N epochs and after the last; 0 = never (needs select=last)
     log_every: int = 10
     tensorboard: bool = False
 
@@ -141,6 +144,7 @@ class PseudoConfig:
     upsample: str = "psam"  # psam | bilinear
     ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
     save_scores: bool = False  # also write fused score maps (.npz)
+    ablation: bool = True  # same pass: other upsampling, baseline CAM, superpixel upper bounds (images with GT)
 
 
 @dataclass

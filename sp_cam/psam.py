@@ -65,7 +65,9 @@ def check_psam(q: torch.Tensor, cell_size: int = 16) -> None:
         if not bool(torch.isfinite(q).all()):
             raise ValueError("PSAM contains NaN or infinite values")
         if float(q.min()) < -PSAM_SUM_ATOL:
-            raise ValueError(f"PSAM has negative entries (min {float(q.min()):.3g}); expected a softmax over 9 channels")
+            raise ValueError(
+                f"PSAM has negative entries (min {float(q.min()):.3g}); expected a softmax over 9 channels"
+            )
         err = float((q.sum(1) - 1).abs().max())
         if err > PSAM_SUM_ATOL:
             raise ValueError(f"PSAM channels do not sum to 1 (max deviation {err:.3g} > {PSAM_SUM_ATOL})")
@@ -106,9 +108,13 @@ def psam_upsample(g: torch.Tensor, q: torch.Tensor, cell_size: int = 16) -> torc
     h, w = _check_psam_shape(q, cell_size)
     _check_grid(g, q, h, w, "grid map g")
     dtype = torch.promote_types(g.dtype, q.dtype)
-    nb = _gather3(g.to(dtype))  # (B, C, 9, h, w)
-    # per cell: (C x 9) @ (9 x S*S), batched over (b, y, x); no 9x full-resolution temporary
-    out = torch.einsum("bckyx,bkyixj->bcyixj", nb, _cells(q.to(dtype), cell_size))
+    nb = _gather3(g.to(dtype))[:, :, :, :, None, :, None]  # (B, C, 9, h, 1, w, 1)
+    qc = _cells(q.to(dtype), cell_size).unsqueeze(1)  # (B, 1, 9, h, S, w, S)
+    # nine broadcast multiply-adds straight into the output layout: no 9x full-resolution temporary, no permuted copy
+    # (faster on CPU than the per-cell matmul; in-place accumulation on a fresh tensor keeps autograd working)
+    out = nb[:, :, 0] * qc[:, :, 0]
+    for k in range(1, NUM_CANDIDATES):
+        out.addcmul_(nb[:, :, k], qc[:, :, k])
     B, C = g.shape[:2]
     return out.reshape(B, C, h * cell_size, w * cell_size)
 
@@ -150,9 +156,7 @@ def _asam_index() -> list[int]:
 _ASAM_INDEX = _asam_index()
 
 
-def asam(
-    q: torch.Tensor, cell_size: int = 16, renormalize: bool = False, eps: float = DEFAULT_EPS
-) -> torch.Tensor:
+def asam(q: torch.Tensor, cell_size: int = 16, renormalize: bool = False, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """ASAM in closed form (spec 2.3): ``A(s, s + d) = sum_p q(p, s) q(p, s + d) / (sum_p q(p, s) + eps * S^2)``.
 
     Computed from per-cell 9x9 Gram statistics ``G_c[k, l] = sum_{p in c} q_k(p) q_l(p)`` folded to offsets:
@@ -201,13 +205,19 @@ def walk_step(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if a.ndim != 4 or a.shape[1] != NUM_OFFSETS:
         raise ValueError(f"ASAM must have shape (B, 25, h, w), got {tuple(a.shape)}")
     if g.ndim != 4 or g.shape[0] != a.shape[0] or g.shape[-2:] != a.shape[-2:]:
-        raise ValueError(f"grid map must have shape (B={a.shape[0]}, C, {a.shape[2]}, {a.shape[3]}), got {tuple(g.shape)}")
+        raise ValueError(
+            f"grid map must have shape (B={a.shape[0]}, C, {a.shape[2]}, {a.shape[3]}), got {tuple(g.shape)}"
+        )
     h, w = g.shape[-2:]
-    gp = F.pad(g, (2, 2, 2, 2))
+    dtype = torch.promote_types(g.dtype, a.dtype)
+    gp, a = F.pad(g.to(dtype), (2, 2, 2, 2)), a.to(dtype)
     out = None
     for j, (dy, dx) in enumerate(_offsets5()):
-        term = a[:, j : j + 1] * gp[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
-        out = term if out is None else out + term
+        shifted = gp[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+        if out is None:
+            out = a[:, j : j + 1] * shifted
+        else:
+            out.addcmul_(a[:, j : j + 1], shifted)  # in place on a fresh tensor: autograd-safe, no temporaries
     return out
 
 
@@ -253,7 +263,9 @@ def drm_redistribute(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.ndim != 4 or w.shape[1] != NUM_CANDIDATES:
         raise ValueError(f"DRM kernels must have shape (B, 9, h, w), got {tuple(w.shape)}")
     if z.ndim != 4 or z.shape[0] != w.shape[0] or z.shape[-2:] != w.shape[-2:]:
-        raise ValueError(f"scores must have shape (B={w.shape[0]}, C, {w.shape[2]}, {w.shape[3]}), got {tuple(z.shape)}")
+        raise ValueError(
+            f"scores must have shape (B={w.shape[0]}, C, {w.shape[2]}, {w.shape[3]}), got {tuple(z.shape)}"
+        )
     return _scatter3(z.unsqueeze(2) * w.flip(1).unsqueeze(1))
 
 

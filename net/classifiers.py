@@ -1,0 +1,245 @@
+"""The two stage-2 classifiers: the EPS CAM baseline (spec 3.0) and SP-CAM with the DRM (spec 3.2).
+
+Shape shorthand: B batch, K foreground classes (channel 0 of every score map is the background), H x W input
+(multiples of 16), h = H/16, w = W/16 the superpixel grid, C backbone channels.
+
+Module names follow the reference (spec 10) so released classifier state dicts can be mapped: ``classifier``,
+``get_qfeats.<i>.{0,1}``, ``get_tran_conv.<i>.0``. The backbone lives under ``backbone`` (reference: ``model``, with a
+duplicate ``stage1..stage5`` key family). To load a reference checkpoint: drop the ``stage*`` keys and rename the
+prefix ``model.`` to ``backbone.`` (ResNeSt-50: the reference's own ResNeSt names must also match timm's
+``resnest50d`` names, which they do for the deep stem, layers and split attention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from net.backbones import build_backbone
+from sp_cam.psam import drm_redistribute
+
+NUM_CANDIDATES = 9  # 3x3 neighbour cells of the PSAM and of the DRM kernel (spec 0)
+CELL_SIZE = 16  # superpixel grid cell = output stride of the backbone (spec 0)
+LEAKY_SLOPE = 0.1  # ref: LeakyReLU(0.1) in get_qfeats conv blocks and get_tran_conv
+PSAM_DILATION = 16  # ref: first encoder conv samples the same position in neighbouring cells
+BIAS_LR_FACTOR = 2.0  # ref get_parameter_groups: biases at 2x the lr of their weights, no weight decay
+DEFAULT_CLASSIFIER_LR_MULT = 10.0  # ref train.py
+DEFAULT_DRM_ENCODER_LR_MULT = 10.0  # ref 800c6d5 (D2)
+DEFAULT_DRM_HEAD_LR_MULT = 500.0  # ref 800c6d5 (D2)
+
+ParamGroup = dict[str, Any]
+
+
+def _split_weights_biases(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of ``module`` split as the reference does: names ending in ``bias`` (conv biases, BN beta)
+    vs the rest (conv weights, BN gamma)."""
+    weights, biases = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith("bias") else weights).append(p)
+    return weights, biases
+
+
+def _group(name: str, params: list[nn.Parameter], lr_mult: float, weight_decay: bool) -> ParamGroup:
+    return {"name": name, "params": params, "lr_mult": lr_mult, "weight_decay": weight_decay}
+
+
+class CAMModel(nn.Module):
+    """EPS CAM baseline: backbone + 1x1 classifier with a background channel (spec 3.0).
+
+    forward: x (B, 3, H, W) ImageNet-normalised -> logits (B, K+1, h, w) (not upsampled).
+    """
+
+    model_type = "cam"
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.out_channels, num_classes + 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+    def freeze_backbone(self) -> None:
+        """Train only the heads: the backbone's parameters get ``requires_grad=False`` (left out of the groups)."""
+        self.backbone.requires_grad_(False)
+
+    def convert_sync_batchnorm(self) -> nn.Module:
+        """Make the trainable-statistics BN layers synchronise across processes (DDP). The backbone's frozen BN is
+        left alone. The CAM model has none; returns ``self``."""
+        return self
+
+    def param_groups(
+        self,
+        classifier_lr_mult: float = DEFAULT_CLASSIFIER_LR_MULT,
+        drm_encoder_lr_mult: float = DEFAULT_DRM_ENCODER_LR_MULT,
+        drm_head_lr_mult: float = DEFAULT_DRM_HEAD_LR_MULT,
+    ) -> list[ParamGroup]:
+        """Optimizer groups (spec 3.0): backbone weights x1 (wd), backbone biases x2 (no wd), classifier x mult (wd).
+
+        The DRM multipliers are accepted for a uniform call and ignored. The reference's empty fourth group is
+        omitted, and so is any group left empty by a frozen backbone.
+
+        Returns:
+            list of dicts ``{"name", "params", "lr_mult", "weight_decay": bool}``.
+        """
+        bw, bb = _split_weights_biases(self.backbone)
+        groups = [
+            _group("backbone_weights", bw, 1.0, True),
+            _group("backbone_biases", bb, BIAS_LR_FACTOR, False),
+            _group(
+                "classifier", [p for p in self.classifier.parameters() if p.requires_grad], classifier_lr_mult, True
+            ),
+        ]
+        return [g for g in groups if g["params"]]
+
+
+class SPCAMModel(CAMModel):
+    """SP-CAM classifier: backbone + classifier + DRM (PSAM encoder E, kernel head T, redistribution) (spec 3.2).
+
+    forward: x (B, 3, H, W) ImageNet-normalised, psam (B, 9, H, W) from the frozen superpixel FCN (computed under
+    ``torch.no_grad``) -> SP-CAM logits (B, K+1, h, w), one score per grid cell.
+    """
+
+    model_type = "spcam"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        encoder_widths: list[int] | tuple[int, ...] = (32, 32, 64, 128, 128),
+        head_widths: list[int] | tuple[int, ...] = (1024, 256, 128),
+    ) -> None:
+        super().__init__(backbone, num_classes)
+        encoder_widths, head_widths = list(encoder_widths), list(head_widths)
+        if len(encoder_widths) != 5 or min(encoder_widths) < 1:
+            raise ValueError(f"drm_encoder_widths must be 5 positive ints (ref 32,32,64,128,128), got {encoder_widths}")
+        if not head_widths or min(head_widths) < 1:
+            raise ValueError(f"drm_head_widths must be positive ints (ref 1024,256,128), got {head_widths}")
+        # E: dilated circular conv at full resolution, then four stride-2 conv blocks down to the grid.
+        blocks: list[nn.Module] = [
+            nn.Sequential(
+                nn.Conv2d(
+                    NUM_CANDIDATES,
+                    encoder_widths[0],
+                    3,
+                    padding=PSAM_DILATION,
+                    dilation=PSAM_DILATION,
+                    padding_mode="circular",
+                    bias=False,
+                ),
+                nn.BatchNorm2d(encoder_widths[0]),
+                nn.ReLU(inplace=True),
+            )
+        ]
+        for cin, cout in zip(encoder_widths[:-1], encoder_widths[1:], strict=True):
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(cout),
+                    nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+                )
+            )
+        self.get_qfeats = nn.Sequential(*blocks)
+        # T: 3x3 convs with bias + LeakyReLU, then 1x1 -> 18 kernels + LeakyReLU (before the softmax; D16). No BN.
+        widths = [backbone.out_channels + encoder_widths[-1], *head_widths]
+        head: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
+            for cin, cout in zip(widths[:-1], widths[1:], strict=True)
+        ]
+        head.append(nn.Sequential(nn.Conv2d(widths[-1], 2 * NUM_CANDIDATES, 1), nn.LeakyReLU(LEAKY_SLOPE)))
+        self.get_tran_conv = nn.Sequential(*head)
+
+    def kernels(self, x5: torch.Tensor, psam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DRM kernels from [x5.detach(), E(psam)].
+
+        Args:
+            x5: (B, C, h, w) backbone features.
+            psam: (B, 9, H, W).
+        Returns:
+            (w_bg, w_fg), each (B, 9, h, w), softmax over the 9 channels.
+        """
+        qf = self.get_qfeats(psam)
+        if qf.shape[-2:] != x5.shape[-2:]:
+            raise ValueError(
+                f"PSAM {tuple(psam.shape)} gives a {tuple(qf.shape[-2:])} grid but the features are "
+                f"{tuple(x5.shape[-2:])}; image and PSAM must have the same size, a multiple of {CELL_SIZE}"
+            )
+        k = self.get_tran_conv(torch.cat([x5.detach(), qf], dim=1))
+        # Channel order: the first 9 kernels serve the background, the last 9 all foreground classes (spec 3.2 step 4).
+        return F.softmax(k[:, :NUM_CANDIDATES], dim=1), F.softmax(k[:, NUM_CANDIDATES:], dim=1)
+
+    def forward(self, x: torch.Tensor, psam: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if psam.ndim != 4 or psam.shape[1] != NUM_CANDIDATES or psam.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"psam must have shape (B, 9, {x.shape[2]}, {x.shape[3]}), got {tuple(psam.shape)}")
+        x5 = self.backbone(x)
+        z = self.classifier(x5)
+        w_bg, w_fg = self.kernels(x5, psam)
+        return torch.cat([drm_redistribute(z[:, :1], w_bg), drm_redistribute(z[:, 1:], w_fg)], dim=1)
+
+    def convert_sync_batchnorm(self) -> nn.Module:
+        """Convert the PSAM encoder's BN layers (trainable statistics) to ``nn.SyncBatchNorm`` for DDP; returns self.
+
+        Do not call ``nn.SyncBatchNorm.convert_sync_batchnorm`` on the whole model: it would also convert (and
+        unfreeze) the backbone's frozen-statistics BN.
+        """
+        self.get_qfeats = nn.SyncBatchNorm.convert_sync_batchnorm(self.get_qfeats)
+        return self
+
+    def param_groups(
+        self,
+        classifier_lr_mult: float = DEFAULT_CLASSIFIER_LR_MULT,
+        drm_encoder_lr_mult: float = DEFAULT_DRM_ENCODER_LR_MULT,
+        drm_head_lr_mult: float = DEFAULT_DRM_HEAD_LR_MULT,
+    ) -> list[ParamGroup]:
+        """Optimizer groups of spec 3.5 (the reference's empty "other biases" group omitted, empty groups dropped).
+
+        Returns:
+            backbone weights x1 (wd), backbone biases x2, classifier x classifier_lr_mult (wd), E weights x
+            drm_encoder_lr_mult (wd), E biases x 2*drm_encoder_lr_mult, T weights x drm_head_lr_mult (wd),
+            T biases x 2*drm_head_lr_mult; biases without weight decay.
+        """
+        groups = super().param_groups(classifier_lr_mult)
+        ew, eb = _split_weights_biases(self.get_qfeats)
+        tw, tb = _split_weights_biases(self.get_tran_conv)
+        groups += [
+            _group("drm_encoder_weights", ew, drm_encoder_lr_mult, True),
+            _group("drm_encoder_biases", eb, BIAS_LR_FACTOR * drm_encoder_lr_mult, False),
+            _group("drm_head_weights", tw, drm_head_lr_mult, True),
+            _group("drm_head_biases", tb, BIAS_LR_FACTOR * drm_head_lr_mult, False),
+        ]
+        return [g for g in groups if g["params"]]
+
+
+MODEL_TYPES = ("cam", "spcam")
+
+
+def build_classifier(model_type: str, ccfg: Any, num_classes: int, pretrained: str | None = None) -> CAMModel:
+    """Build the stage-A or stage-2 classifier from a ``ClassifierConfig``.
+
+    Args:
+        model_type: ``"cam"`` or ``"spcam"``.
+        ccfg: a ``sp_cam.config.ClassifierConfig`` (fields backbone, pretrained, freeze_backbone,
+            drm_encoder_widths, drm_head_widths are read).
+        num_classes: K, the number of foreground classes.
+        pretrained: overrides ``ccfg.pretrained`` when not None (e.g. ``""`` when a full checkpoint is loaded next,
+            to skip reading backbone weights).
+    Returns:
+        :class:`CAMModel` or :class:`SPCAMModel`.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    backbone = build_backbone(ccfg.backbone, ccfg.pretrained if pretrained is None else pretrained)
+    if model_type == "cam":
+        model: CAMModel = CAMModel(backbone, num_classes)
+    else:
+        model = SPCAMModel(backbone, num_classes, ccfg.drm_encoder_widths, ccfg.drm_head_widths)
+    if ccfg.freeze_backbone:
+        model.freeze_backbone()
+    return model

@@ -1,0 +1,230 @@
+"""Ablation report and final metrics of a run (issue: pipeline), on the pseudo split's images with GT.
+
+    python -m sp_cam.ablation -c CONFIG [key=value ...]
+
+Rows (mIoU over all K+1 classes, percent, as spec 5.1):
+
+    a  baseline CAM, bilinear upsampling, best th
+    b  SP-CAM, PSAM upsampling, t = 0, best th
+    c  SP-CAM + random walk at the selected t, PSAM upsampling, selected th (the final pseudo labels)
+    d  the same t with bilinear instead of PSAM upsampling, best th
+    e  upper bound: every 16-px grid cell labelled by its GT majority
+    f  upper bound: every FCN superpixel (PSAM argmax, scale 1) labelled by its GT majority
+
+Nothing is recomputed here: :mod:`sp_cam.make_pseudo` stores every image's confusion matrices for all rows in the same
+pass as the scores (``pseudo.ablation``, default on). A row whose matrices are absent (no CAM model, as in
+``train_sp_cam.sh``; ``pseudo.ablation=false``; t = 0 not swept) is reported as null with a note.
+Writes ``PSEUDO/ablation.json``, ``WORK_DIR/ablation.md`` and ``WORK_DIR/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from sp_cam.config import Config, ConfigError, load_config
+from sp_cam.io import atomic_write_json, atomic_write_text
+from sp_cam.make_pseudo import SELECTION_FILE, sum_confusions, t_values, th_values
+from sp_cam.metrics import iou_from_confusion
+from sp_cam.paths import RunPaths
+
+log = logging.getLogger("spcam.ablation")
+
+ABLATION_FILE = "ablation.json"
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    upsample: str
+    t: int | None
+    th: float | None
+    miou: float | None
+    fg_miou: float | None
+    images: int
+    note: str = ""
+    final: bool = False
+
+
+def _best_th(conf: np.ndarray, ths: list[float]) -> tuple[float, Any]:
+    """(TH, N, N) -> (best th, IoUResult)."""
+    results = [iou_from_confusion(c) for c in conf]
+    j = int(np.argmax([r.miou for r in results]))
+    return ths[j], results[j]
+
+
+def _row(key, name, upsample, t, th, res, images, note="", final=False) -> Row:
+    return Row(key, name, upsample, t, th, None if res is None else res.miou, None if res is None else res.fg_miou,
+               images, note, final)  # fmt: skip
+
+
+def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[list[Row], int]:
+    """The ablation rows from the stored matrices; returns (rows, number of images with GT)."""
+    pcfg = cfg.pseudo
+    ts, ths = t_values(pcfg), th_values(pcfg)
+    t_sel, th_sel = int(selection["t"]), float(selection["th"])
+    keys = ["conf_psam", "conf_bilinear", "conf_cam", "conf_grid_ub", "conf_sp_ub"]
+    sums = sum_confusions(cfg, ids, keys, progress=True)
+    num_gt = sums[f"conf_{pcfg.upsample}"][1]
+
+    def note_for(key: str, reason: str) -> str:
+        total, count = sums[key]
+        if total is None:
+            return reason
+        return "" if count == num_gt else f"only {count} of {num_gt} images"
+
+    no_extras = "not computed: run make_pseudo with pseudo.ablation=true"
+    rows: list[Row] = []
+    conf, n = sums["conf_cam"]
+    if conf is None:
+        rows.append(
+            _row("a", "baseline CAM", "bilinear", None, None, None, 0, "no baseline CAM model (stage A skipped)")
+        )
+    else:
+        th, res = _best_th(conf, ths)
+        rows.append(_row("a", "baseline CAM", "bilinear", None, th, res, n, note_for("conf_cam", "")))
+    psam, n_psam = sums["conf_psam"]
+    if psam is not None and 0 in ts:
+        th, res = _best_th(psam[ts.index(0)], ths)
+        rows.append(_row("b", "SP-CAM, no random walk", "psam", 0, th, res, n_psam, note_for("conf_psam", "")))
+    else:
+        reason = "t = 0 not in pseudo.t_list" if psam is not None else no_extras
+        rows.append(_row("b", "SP-CAM, no random walk", "psam", 0, None, None, 0, reason))
+    final_psam = pcfg.upsample == "psam"
+    if psam is not None and t_sel in ts and th_sel in ths:
+        res = iou_from_confusion(psam[ts.index(t_sel), ths.index(th_sel)])
+        rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, res, n_psam, "", final_psam))
+    else:
+        rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, None, 0, no_extras, final_psam))
+    bil, n_bil = sums["conf_bilinear"]
+    if bil is not None and t_sel in ts:
+        if final_psam:
+            th, res = _best_th(bil[ts.index(t_sel)], ths)
+        else:  # bilinear is the main mode: its row holds the final labels at the selected pair
+            th, res = th_sel, iou_from_confusion(bil[ts.index(t_sel), ths.index(th_sel)])
+        note = note_for("conf_bilinear", "")
+        rows.append(_row("d", "SP-CAM + random walk", "bilinear", t_sel, th, res, n_bil, note, not final_psam))
+    else:
+        rows.append(_row("d", "SP-CAM + random walk", "bilinear", t_sel, None, None, 0, no_extras, not final_psam))
+    for key, conf_key, name in (
+        ("e", "conf_grid_ub", "upper bound: 16-px grid cells, GT majority"),
+        ("f", "conf_sp_ub", "upper bound: FCN superpixels, GT majority"),
+    ):
+        conf, n = sums[conf_key]
+        res = None if conf is None else iou_from_confusion(conf)
+        rows.append(_row(key, name, "-", None, None, res, n, note_for(conf_key, no_extras)))
+    return rows, num_gt
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[Row], split: str, num_gt: int) -> str:
+    """The ablation as a markdown table."""
+    lines = [
+        f"Pseudo-label mIoU (%) on `{split}` ({num_gt} images with GT); best th per row unless selected.",
+        "",
+        "| | method | upsampling | t | th | mIoU | note |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        name = f"**{r.name}** (final)" if r.final else r.name
+        lines.append(
+            f"| {r.key} | {name} | {r.upsample} | {_fmt(r.t, 'd')} | {_fmt(r.th, '.2f')} | {_fmt(r.miou, '.2f')} "
+            f"| {r.note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(
+    cfg: Config, selection: dict[str, Any], rows: list[Row], num_images: int, num_gt: int
+) -> dict[str, Any]:
+    """Write ``WORK_DIR/metrics.json``: the run's headline numbers plus the ablation rows; returns the dict.
+
+    Keys: ``miou`` (final pseudo labels, percent; null without GT), ``cam_miou`` (baseline CAM, bilinear, best th; null
+    without a CAM model), ``t``, ``th``, ``select``, ``split``, ``num_images``, ``num_gt_images``, ``ablation``.
+    """
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    by_key = {r.key: r for r in rows}
+    cam = by_key.get("a")
+    metrics = {
+        "miou": selection.get("miou"),
+        "fg_miou": selection.get("fg_miou"),
+        "cam_miou": None if cam is None else cam.miou,
+        "cam_th": None if cam is None else cam.th,
+        "t": selection["t"],
+        "th": selection["th"],
+        "select": selection["select"],
+        "split": cfg.data.pseudo_split,
+        "num_images": num_images,
+        "num_gt_images": num_gt,
+        "upsample": cfg.pseudo.upsample,
+        "ablation": [asdict(r) for r in rows],
+    }
+    if cam is not None and cam.miou is None:
+        metrics["cam_note"] = cam.note
+    atomic_write_json(paths.metrics, metrics)
+    return metrics
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Build the ablation from the stored matrices; write ``ablation.json``, ``ablation.md`` and ``metrics.json``.
+
+    Returns:
+        The ``metrics.json`` content.
+    """
+    from data.voc_layout import open_dataset
+
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    sel_path = paths.pseudo / SELECTION_FILE
+    if not sel_path.is_file():
+        raise FileNotFoundError(
+            f"pseudo-label selection not found: {sel_path} (run python -m sp_cam.make_pseudo first)"
+        )
+    selection = json.loads(sel_path.read_text())
+    if selection.get("split") != cfg.data.pseudo_split:
+        raise ValueError(
+            f"{sel_path}: made for split {selection.get('split')!r}, but data.pseudo_split={cfg.data.pseudo_split!r}"
+        )
+    ids = open_dataset(cfg).ids(cfg.data.pseudo_split)
+    rows, num_gt = build_rows(cfg, ids, selection)
+    atomic_write_json(
+        paths.pseudo / ABLATION_FILE,
+        {
+            "split": cfg.data.pseudo_split,
+            "num_gt_images": num_gt,
+            "selection": selection,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
+    atomic_write_text(paths.ablation_table, markdown_table(rows, cfg.data.pseudo_split, num_gt))
+    metrics = write_metrics(cfg, selection, rows, len(ids), num_gt)
+    log.info("ablation: %s; metrics: %s", paths.ablation_table, paths.metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=str, required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg)
+        print(RunPaths.from_work_dir(cfg.run.work_dir).ablation_table.read_text())
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

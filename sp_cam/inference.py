@@ -1,0 +1,424 @@
+"""Stage 3 inference (spec 4): multi-scale + flip passes, random walk, PSAM upsampling, fusion, thresholds.
+
+Per image (batch 1, original size H0 x W0, image-level tags):
+
+1. For every scale s the classifier input is resized twice (to ``round(H0 s)``, then up to a multiple of 16) and the FCN
+   input once (D17); the flipped copy of the same scale goes in the same batch, so one forward serves both passes.
+2. ``psam = fcn(fcn_input)``, ``asam = ASAM(psam)`` once per pass; ``pi = softmax over K+1 of model(cls_input, psam)``.
+3. For every t: ``A^t pi`` on that pass's grid (walks are incremental over ``t_list``, D7), PSAM upsampling (or bilinear,
+   for the ablation), bilinear resize to the padded scale-1 size, un-flip, SUM over the passes.
+4. ``ReLU(F - 1e-5) / (max ReLU(F) + 1e-5)`` per channel (PuzzleCAM ``make_cam``), times the tags, bilinear to (H0, W0).
+5. Labels: channel 0 := th, argmax over K+1.
+
+Speed-up (spec 11, exact for the labels): only the image's present foreground classes are walked, upsampled and fused.
+The walk, the fusion and the normalisation act on each channel separately, absent classes are zeroed by the tags anyway,
+and the background channel is replaced by th, so the label maps are identical to walking all K+1 channels. The returned
+score maps therefore hold 0 in channel 0 (the model's own background probability is never used).
+
+Baseline CAM path (``fcn is None`` or a ``CAMModel``; spec 4 "step B variant"): no PSAM and no walk; the per-pass
+softmax on the 1/16 grid is resized bilinearly straight to (H0, W0), then fused and normalised the same way (key t = 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.transforms import inference_inputs, padded_size
+from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
+from sp_cam.psam import asam, psam_upsample, random_walk_multi
+
+log = logging.getLogger(__name__)
+
+NORM_EPS = 1e-5  # ref (PuzzleCAM make_cam): ReLU(F - 1e-5) / (max ReLU(F) + 1e-5)
+UPSAMPLE_MODES = ("psam", "bilinear")
+
+
+@dataclass
+class FusedScores:
+    """Fused, normalised scores of the present foreground classes of one image.
+
+    Attributes:
+        classes: (n,) int64, the present foreground classes (1..K), ascending.
+        scores: {(upsample, t): (n, H0, W0) float32 in [0, 1]}; row i holds class ``classes[i]``.
+        size: (H0, W0).
+        psam: (1, 9, H1, W1) PSAM of the unflipped scale-1 pass (when that pass ran; superpixel maps), else None.
+    """
+
+    classes: torch.Tensor
+    scores: dict[tuple[str, int], torch.Tensor]
+    size: tuple[int, int]
+    psam: torch.Tensor | None = field(default=None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (CPU for a parameter-free module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def scaled_size(size: tuple[int, int], scale: float, cell_size: int = 16) -> tuple[int, int]:
+    """Spec 4 step 1: ``round(H0 * s)`` rounded up to a multiple of ``cell_size`` (same for W)."""
+    return padded_size(int(size[0]), int(size[1]), scale, cell_size)[1]
+
+
+def _is_cam_model(model: nn.Module, fcn: nn.Module | None) -> bool:
+    kind = getattr(model, "model_type", None)
+    if kind is None and hasattr(model, "module"):  # DistributedDataParallel / DataParallel wrapper
+        kind = getattr(model.module, "model_type", None)
+    if kind == "spcam" and fcn is None:
+        raise ValueError("an SP-CAM model needs the superpixel FCN (fcn is None)")
+    return fcn is None or kind == "cam"
+
+
+def _normalise(fused: torch.Tensor) -> torch.Tensor:
+    """PuzzleCAM ``make_cam`` per channel: (..., n, H, W) -> same shape, max of each channel just below 1."""
+    peak = F.relu(fused).amax(dim=(-2, -1), keepdim=True)
+    return F.relu(fused - NORM_EPS) / (peak + NORM_EPS)
+
+
+def present_classes(labels: torch.Tensor) -> torch.Tensor:
+    """(K,) multi-hot -> (n,) int64 foreground class indices 1..K, ascending."""
+    return torch.nonzero(torch.as_tensor(labels).reshape(-1) > 0).reshape(-1).long() + 1
+
+
+@torch.no_grad()
+def infer_present(
+    model: nn.Module,
+    fcn: nn.Module | None,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    t_list: Sequence[int] = (0,),
+    upsamples: Sequence[str] = ("psam",),
+    renormalize_asam: bool = False,
+    cell_size: int = 16,
+    keep_psam: bool = False,
+) -> FusedScores:
+    """Fused scores of the image's present classes for every (upsample mode, t); the networks run once per scale.
+
+    Several upsampling modes share the forwards and the walks (the ablation's bilinear row costs only the resize).
+    Models are used as given (call ``.eval()`` first). Runs on the device of ``model``.
+
+    Args:
+        model: CAMModel ``x -> (B, K+1, h, w)`` or SPCAMModel ``(x, psam) -> (B, K+1, h, w)`` logits.
+        fcn: SpixelNet ``x -> (B, 9, H, W)`` PSAM, or None for the baseline CAM path.
+        image: (1, 3, H0, W0) ImageNet-normalised image.
+        labels: (K,) multi-hot image-level tags (foreground only).
+        scales: test scales (ref: 0.5, 1, 1.5, 2).
+        flip: add the horizontally flipped pass of every scale (batched with the unflipped one).
+        t_list: random-walk step counts (ignored on the CAM path, whose only key is t = 0).
+        upsamples: any of "psam", "bilinear" (grid -> padded scale-1 size directly); the CAM path is always bilinear.
+        renormalize_asam: D6, renormalise ASAM rows to 1.
+        keep_psam: keep the PSAM of the unflipped scale-1 pass in the result.
+    Returns:
+        :class:`FusedScores`; on the CAM path the keys are ("bilinear", 0).
+    """
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
+    if not scales:
+        raise ValueError("at least one test scale is needed")
+    bad = [u for u in upsamples if u not in UPSAMPLE_MODES]
+    if bad or not upsamples:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {list(upsamples)}")
+    device = model_device(model)
+    image = image.to(device, torch.float32)
+    size = (int(image.shape[2]), int(image.shape[3]))
+    labels = torch.as_tensor(labels).reshape(-1)
+    classes = present_classes(labels).to(device)
+    cam_path = _is_cam_model(model, fcn)
+    keys = (
+        [("bilinear", 0)] if cam_path else [(u, int(t)) for u in dict.fromkeys(upsamples) for t in sorted(set(t_list))]
+    )
+    n = int(classes.numel())
+    if n == 0:  # no tags: every pixel is background whatever the networks say
+        empty = image.new_zeros(0, *size)
+        return FusedScores(classes.cpu(), {k: empty.cpu() for k in keys}, size)
+
+    # Fusion size: (H0, W0) on the CAM path (step B variant), the padded scale-1 size otherwise.
+    fuse_size = size if cam_path else scaled_size(size, 1.0, cell_size)
+    ts = [0] if cam_path else sorted(set(int(t) for t in t_list))
+    modes = ["bilinear"] if cam_path else list(dict.fromkeys(upsamples))
+    # One buffer per mode holding every t: (passes in a batch, T * n, H, W). The flipped passes are summed in their
+    # own slot and un-flipped once at the end, instead of once per pass.
+    acc: dict[str, torch.Tensor] = {}
+    psam_keep = None
+    for scale in scales:
+        cls_in, fcn_in = inference_inputs(image, float(scale), cell_size)
+        if flip:  # one forward for the pair of the same size
+            cls_in = torch.cat([cls_in, cls_in.flip(-1)])
+            fcn_in = torch.cat([fcn_in, fcn_in.flip(-1)])
+        if cam_path:
+            logits = model(cls_in)
+            q = None
+        else:
+            q = fcn(fcn_in).float()
+            logits = model(cls_in, q)
+        if logits.shape[1] != labels.numel() + 1:
+            raise ValueError(
+                f"the model predicts {logits.shape[1]} channels but the dataset has {labels.numel()} classes + background"
+            )
+        prob = torch.softmax(logits.float(), dim=1).index_select(1, classes)  # (P, n, h, w)
+        if cam_path:
+            _add(acc, "bilinear", F.interpolate(prob, size=fuse_size, mode="bilinear", align_corners=False))
+            continue
+        if keep_psam and psam_keep is None and float(scale) == 1.0:
+            psam_keep = q[:1].cpu()
+        a = asam(q, cell_size=cell_size, renormalize=renormalize_asam)
+        walked = random_walk_multi(prob, a, ts)
+        g = torch.cat([walked[t] for t in ts], dim=1)  # (P, T * n, h, w): every t in one upsampling call
+        for mode in modes:
+            if mode == "psam":
+                up = psam_upsample(g, q, cell_size=cell_size)
+                if tuple(up.shape[-2:]) != fuse_size:
+                    up = F.interpolate(up, size=fuse_size, mode="bilinear", align_corners=False)
+            else:
+                up = F.interpolate(g, size=fuse_size, mode="bilinear", align_corners=False)
+            _add(acc, mode, up)
+
+    scores = {}
+    for mode, buf in acc.items():
+        fused = buf[0] + buf[1].flip(-1) if buf.shape[0] > 1 else buf[0]  # (T * n, H, W), summed over the passes
+        cam = _normalise(fused)  # absent classes are not in the buffer: the tag mask is implicit
+        if tuple(cam.shape[-2:]) != size:
+            cam = F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0]
+        cam = cam.cpu().view(len(ts), n, *size)
+        for i, t in enumerate(ts):
+            scores[(mode, t)] = cam[i]
+    return FusedScores(classes.cpu(), scores, size, psam_keep)
+
+
+def _add(acc: dict[str, torch.Tensor], mode: str, up: torch.Tensor) -> None:
+    """Sum one batch of passes (P, C, H, W) into ``acc[mode]`` (the first batch becomes the buffer)."""
+    if mode in acc:
+        acc[mode] += up
+    else:
+        acc[mode] = up.clone()
+
+
+def dense_scores(fused: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(n, H, W) present-class scores -> (K+1, H, W) with channel 0 and absent classes 0."""
+    out = fused.new_zeros(num_classes + 1, *fused.shape[-2:])
+    if classes.numel():
+        out[classes.to(fused.device)] = fused
+    return out
+
+
+def infer_scores(
+    model: nn.Module,
+    fcn: nn.Module | None,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    t_list: Sequence[int] = (0,),
+    upsample: str = "psam",
+    renormalize_asam: bool = False,
+    cell_size: int = 16,
+) -> dict[int, torch.Tensor]:
+    """Dense fused score maps of one image for every t (see :func:`infer_present` for the arguments).
+
+    Returns:
+        {t: (K+1, H0, W0) float32 in [0, 1]} on the CPU; channel 0 is 0 (replaced by th in :func:`labels_from_scores`),
+        absent classes are 0. The CAM path (``fcn`` None or a CAMModel) returns the single key 0.
+    """
+    num_classes = int(torch.as_tensor(labels).numel())
+    res = infer_present(model, fcn, image, labels, scales, flip, t_list, (upsample,), renormalize_asam, cell_size)
+    return {t: dense_scores(s, res.classes, num_classes) for (_, t), s in res.scores.items()}
+
+
+def labels_from_scores(scores: torch.Tensor, th: float) -> torch.Tensor:
+    """Background threshold: channel 0 := th, argmax over the K+1 channels.
+
+    Args:
+        scores: (K+1, H, W) scores (channel 0 is ignored).
+    Returns:
+        (H, W) int64 class map; ties go to the lower index (background first), as argmax does.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (K+1, H, W), got {tuple(scores.shape)}")
+    s = scores.clone()
+    s[0] = th
+    return s.argmax(0)
+
+
+def labels_from_present(fused: torch.Tensor, classes: torch.Tensor, th: float | Sequence[float]) -> torch.Tensor:
+    """:func:`labels_from_scores` on compact present-class scores, for one th or several at once.
+
+    Args:
+        fused: (n, H, W) scores of ``classes``.
+        classes: (n,) foreground class indices, ascending.
+        th: a threshold, or a sequence of T thresholds.
+    Returns:
+        (H, W) int64, or (T, H, W) for a sequence.
+    """
+    ths = torch.as_tensor([th] if isinstance(th, (int, float)) else list(th), dtype=torch.float32)
+    H, W = fused.shape[-2:]
+    if fused.shape[0] == 0:
+        out = torch.zeros(len(ths), H, W, dtype=torch.int64)
+    else:
+        peak, idx = fused.float().max(0)  # background wins ties (fg must be strictly above th), as the argmax above
+        cls = classes.to(fused.device)[idx]
+        ths = ths.to(fused.device).view(-1, 1, 1)
+        out = torch.where(peak[None] > ths, cls[None], torch.zeros_like(cls)[None])
+    return out[0] if isinstance(th, (int, float)) else out
+
+
+def evaluate_split_confusion(
+    model: nn.Module,
+    fcn: nn.Module | None,
+    dataset,
+    t_list: Sequence[int],
+    th_list: Sequence[float],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    max_images: int = 0,
+    *,
+    indices: Sequence[int] | None = None,
+    upsample: str = "psam",
+    renormalize_asam: bool = False,
+    cell_size: int = 16,
+    progress: bool = False,
+) -> dict[tuple[int, float], np.ndarray]:
+    """Confusion matrices ((K+1) x (K+1) int64) per (t, th) over a split, in one pass (sum them across ranks).
+
+    Args:
+        dataset: EvalDataset-like, items ``{"id", "image": (3, H, W), "label": (K,), "mask": (H, W)}`` (255 = ignore).
+        indices: the dataset indices to run (a rank's shard); default ``range(len(dataset))``, cut to ``max_images``.
+    """
+    count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    idx = list(range(count)) if indices is None else list(indices)
+    was_training = model.training, (fcn.training if fcn is not None else False)
+    model.eval()
+    if fcn is not None:
+        fcn.eval()
+    conf: dict[tuple[int, float], np.ndarray] = {}
+    try:
+        for i in tqdm(idx, desc="evaluate", unit="img", disable=not progress):
+            item = dataset[i]
+            label = torch.as_tensor(item["label"])
+            num = int(label.numel()) + 1
+            res = infer_present(
+                model, fcn, item["image"][None], label, scales, flip, t_list, (upsample,), renormalize_asam, cell_size
+            )
+            mask = torch.as_tensor(item["mask"])
+            for (_, t), fused in res.scores.items():
+                preds = labels_from_present(fused, res.classes, list(th_list))
+                for th, pred in zip(th_list, preds, strict=True):
+                    key = (int(t), float(th))
+                    c = confusion_matrix(pred, mask, num)
+                    conf[key] = c if key not in conf else conf[key] + c
+    finally:
+        model.train(was_training[0])
+        if fcn is not None:
+            fcn.train(was_training[1])
+    if not conf:  # empty split: define the keys anyway
+        num = _num_classes_of(dataset) + 1
+        keys = [0] if _is_cam_model(model, fcn) else sorted(set(int(t) for t in t_list))
+        conf = {(t, float(th)): np.zeros((num, num), dtype=np.int64) for t in keys for th in th_list}
+    return conf
+
+
+def _num_classes_of(dataset) -> int:
+    layout = getattr(dataset, "layout", None)
+    k = getattr(layout, "num_classes", None) or getattr(dataset, "num_classes", None)
+    if k is None:
+        raise ValueError("cannot evaluate an empty split without knowing the number of classes")
+    return int(k)
+
+
+def evaluate_split(
+    model: nn.Module,
+    fcn: nn.Module | None,
+    dataset,
+    t_list: Sequence[int],
+    th_list: Sequence[float],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    device: torch.device | str | None = None,
+    max_images: int = 0,
+    **kwargs,
+) -> dict[tuple[int, float], IoUResult]:
+    """mIoU of the labels for every (t, th) pair over a split, in one pass (spec 5.1), under ``torch.no_grad``.
+
+    Args:
+        model, fcn: as :func:`infer_present`; put in eval mode for the pass and restored afterwards.
+        dataset: EvalDataset-like (see :func:`evaluate_split_confusion`).
+        device: where the models are moved first (None: leave them where they are).
+        max_images: evaluate only the first ``max_images`` images (0 = all).
+        kwargs: ``indices``, ``upsample``, ``renormalize_asam``, ``cell_size``, ``progress`` of
+            :func:`evaluate_split_confusion`.
+    Returns:
+        {(t, th): IoUResult}; the CAM path has t = 0 only.
+    """
+    if device is not None:
+        model.to(device)
+        if fcn is not None:
+            fcn.to(device)
+    conf = evaluate_split_confusion(model, fcn, dataset, t_list, th_list, scales, flip, max_images, **kwargs)
+    return {key: iou_from_confusion(c) for key, c in conf.items()}
+
+
+def best_pair(results: dict[tuple[int, float], IoUResult]) -> tuple[tuple[int, float], IoUResult]:
+    """The (t, th) pair with the highest mIoU (ties: the first in sorted order)."""
+    if not results:
+        raise ValueError("no (t, th) results to choose from")
+    key = max(sorted(results), key=lambda k: results[k].miou)
+    return key, results[key]
+
+
+def grid_ids(size: tuple[int, int], cell_size: int = 16) -> torch.Tensor:
+    """Hard grid segments: (H, W) int64 index of each pixel's ``cell_size`` x ``cell_size`` cell."""
+    H, W = size
+    cols = -(-W // cell_size)
+    ys = torch.arange(H) // cell_size
+    xs = torch.arange(W) // cell_size
+    return ys[:, None] * cols + xs[None, :]
+
+
+def superpixel_ids(psam: torch.Tensor, size: tuple[int, int] | None = None, cell_size: int = 16) -> torch.Tensor:
+    """Hard superpixels of a PSAM: each pixel joins its most associated candidate cell ``c(p) + o_k``.
+
+    Args:
+        psam: (1, 9, H, W) or (9, H, W).
+        size: (H0, W0) to resize the segment map to (nearest), e.g. the original image size.
+    Returns:
+        (H, W) or (H0, W0) int64 segment ids (cells of a grid padded by one, so out-of-grid candidates stay distinct).
+    """
+    q = psam.reshape(-1, *psam.shape[-2:]) if psam.ndim == 4 else psam
+    H, W = q.shape[-2:]
+    k = q.argmax(0)
+    ys = torch.arange(H, device=q.device)[:, None] // cell_size + k // 3  # +1 padding -1 offset
+    xs = torch.arange(W, device=q.device)[None, :] // cell_size + k % 3
+    ids = ys * (W // cell_size + 2) + xs
+    if size is not None and tuple(size) != (H, W):
+        ids = F.interpolate(ids[None, None].double(), size=tuple(size), mode="nearest")[0, 0].long()
+    return ids.cpu()
+
+
+def majority_labels(
+    segments: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """Label every segment with the majority GT class of its pixels (the superpixel upper bound).
+
+    Args:
+        segments: (H, W) integer segment ids.
+        gt: (H, W) GT class indices 0..num_classes-1 or ``ignore_index`` (not counted).
+    Returns:
+        (H, W) int64; a segment without valid GT pixels gets 0 (its pixels are all ignored anyway).
+    """
+    seg = torch.as_tensor(segments).reshape(-1)
+    lab = torch.as_tensor(gt).reshape(-1).long()
+    uniq, inv = torch.unique(seg, return_inverse=True)
+    valid = lab != ignore_index
+    counts = torch.bincount(inv[valid] * num_classes + lab[valid], minlength=len(uniq) * num_classes)
+    return counts.view(len(uniq), num_classes).argmax(1)[inv].view(torch.as_tensor(gt).shape)

@@ -1,0 +1,504 @@
+"""Stage 3: pseudo labels for ``data.pseudo_split`` (spec 4, 5.1; decisions D6-D9).
+
+    python -m sp_cam.make_pseudo -c CONFIG [--shard i/n] [key=value ...]
+    torchrun --nproc_per_node N -m sp_cam.make_pseudo -c CONFIG        (one shard per process)
+
+Two phases, both resumable:
+
+1. **Scores** (sharded): for every image the passes of spec 4 give the fused scores of the present classes for every t of
+   ``pseudo.t_list``; they go to ``PSEUDO/scores/<id>.npz`` (float16), with the image's confusion matrices for every
+   (t, th) pair when it has GT. With ``pseudo.ablation`` the same pass also scores the other upsampling mode, the
+   baseline CAM (if its model exists) and the two superpixel upper bounds, for :mod:`sp_cam.ablation`.
+   Finished ids are skipped.
+2. **Selection and labels**: the per-image confusion matrices are summed (one pass, every pair), (t, th) is chosen by
+   ``pseudo.select`` (``gt``: best mIoU, the reference's D8; ``fixed``: ``pseudo.t``/``pseudo.th``), the choice goes
+   to ``PSEUDO/selection.json`` and the sweep to ``PSEUDO/sweep.json``, then ``pseudo_labels/<id>.png`` are written
+   (palette PNGs, values 0..K; 255 where the top-2 margin is below ``pseudo.ignore_band`` if that is > 0).
+   ``pseudo.save_scores`` adds the fused maps of the chosen t as ``PSEUDO/score_maps/<id>.npz`` (cam_store format).
+
+Scores file ``<id>.npz`` (no pickle): ``classes`` (n,) int16 present classes 1..K; ``size`` (2,) int32 (H0, W0);
+``t_list`` (T,) int32; ``th_list`` (TH,) float32; ``upsample`` str; ``signature`` str (the settings, JSON); ``scores`` (T, n, H0, W0) float16 in [0, 1];
+where the image has GT: ``conf_<mode>`` (T, TH, K+1, K+1) int64 per upsampling mode computed, optionally ``conf_cam``
+(TH, K+1, K+1), ``conf_grid_ub`` and ``conf_sp_ub`` (K+1, K+1). The labels and their confusion matrices are both
+computed from the float16-rounded scores, so the PNGs match the reported mIoU exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.classes import IGNORE_INDEX
+from sp_cam import distributed as dist_utils
+from sp_cam.config import Config, ConfigError, PseudoConfig, load_config
+from sp_cam.inference import (
+    UPSAMPLE_MODES,
+    best_pair,
+    grid_ids,
+    infer_present,
+    labels_from_present,
+    majority_labels,
+    superpixel_ids,
+)
+from sp_cam.io import atomic_write, atomic_write_json, atomic_write_text, write_label_png
+from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
+from sp_cam.paths import RunPaths
+
+log = logging.getLogger("spcam.make_pseudo")
+
+SCORES_DIR = "scores"
+SCORE_MAPS_DIR = "score_maps"
+SELECTION_FILE = "selection.json"
+SWEEP_FILE = "sweep.json"
+SELECT_MODES = ("gt", "fixed")
+TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, spec 4)
+
+
+@dataclass
+class Models:
+    """The networks of stage 3, in eval mode on one device."""
+
+    spcam: nn.Module
+    fcn: nn.Module
+    cam: nn.Module | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------- set-up
+
+
+def check_pseudo_config(pcfg: PseudoConfig) -> None:
+    """Raise ConfigError naming the first bad ``pseudo.*`` value."""
+    if pcfg.select not in SELECT_MODES:
+        raise ConfigError(f"pseudo.select={pcfg.select!r}: expected one of {', '.join(SELECT_MODES)}")
+    if pcfg.upsample not in UPSAMPLE_MODES:
+        raise ConfigError(f"pseudo.upsample={pcfg.upsample!r}: expected one of {', '.join(UPSAMPLE_MODES)}")
+    if not pcfg.t_list or min(pcfg.t_list) < 0:
+        raise ConfigError(f"pseudo.t_list={pcfg.t_list}: expected a non-empty list of walk steps >= 0")
+    if not pcfg.th_list:
+        raise ConfigError("pseudo.th_list is empty: give at least one background threshold")
+    if not pcfg.scales or min(pcfg.scales) <= 0:
+        raise ConfigError(f"pseudo.scales={pcfg.scales}: expected a non-empty list of positive scales")
+    if pcfg.select == "fixed" and pcfg.t not in pcfg.t_list:
+        raise ConfigError(f"pseudo.t={pcfg.t} is not in pseudo.t_list={pcfg.t_list} (select=fixed)")
+    if pcfg.ignore_band < 0:
+        raise ConfigError(f"pseudo.ignore_band={pcfg.ignore_band}: expected >= 0")
+
+
+def t_values(pcfg: PseudoConfig) -> list[int]:
+    return sorted(set(int(t) for t in pcfg.t_list))
+
+
+def th_values(pcfg: PseudoConfig) -> list[float]:
+    """The swept thresholds, plus the fixed one (select=fixed) so that its mIoU is measured too."""
+    ths = list(pcfg.th_list) + ([pcfg.th] if pcfg.select == "fixed" else [])
+    return sorted(set(round(float(th), TH_DECIMALS) for th in ths))
+
+
+def load_models(cfg: Config, device: torch.device, num_classes: int, need_cam: bool = False) -> Models:
+    """SP-CAM classifier, frozen superpixel FCN and (``need_cam``, if trained) the baseline CAM model, in eval mode."""
+    from sp_cam.train_cls import fcn_weights_path, load_classifier, load_frozen_fcn
+
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    spcam_path = RunPaths.model(paths.spcam)
+    if not spcam_path.is_file():
+        raise FileNotFoundError(f"SP-CAM weights not found: {spcam_path} (train stage 2 first: sp_cam.train_cls spcam)")
+    spcam = load_classifier(spcam_path, "spcam", device)
+    _check_classes(spcam, spcam_path, num_classes)
+    fcn = load_frozen_fcn(fcn_weights_path(cfg, paths), device)
+    cam = None
+    cam_path = RunPaths.model(paths.cam)
+    if need_cam and cam_path.is_file():
+        cam = load_classifier(cam_path, "cam", device)
+        _check_classes(cam, cam_path, num_classes)
+    elif need_cam:
+        log.info("no baseline CAM model at %s: the ablation's CAM row will be empty", cam_path)
+    return Models(spcam, fcn, cam)
+
+
+def _check_classes(model: nn.Module, path: Path, num_classes: int) -> None:
+    k = getattr(model, "num_classes", num_classes)
+    if k != num_classes:
+        raise ValueError(f"{path}: a model of {k} classes cannot label a dataset of {num_classes} classes")
+
+
+# ----------------------------------------------------------------------------------------------------------- phase 1
+
+
+def _confusions(fused: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, ths: Sequence[float], num: int):
+    """(TH, num, num) confusion matrices of the labels of ``fused`` (n, H, W) for every th."""
+    preds = labels_from_present(fused, classes, list(ths))
+    return np.stack([confusion_matrix(p, mask, num) for p in preds])
+
+
+def process_image(
+    models: Models, item: dict[str, Any], pcfg: PseudoConfig, cell_size: int, extras: bool
+) -> dict[str, np.ndarray]:
+    """Everything phase 1 stores for one image (see the module docstring for the keys).
+
+    Args:
+        item: EvalDataset item (``image`` (3, H, W), ``label`` (K,), ``mask`` (H, W), 255 = ignore).
+        extras: also compute the ablation entries (only used where the image has GT).
+    """
+    label = torch.as_tensor(item["label"]).reshape(-1)
+    mask = torch.as_tensor(item["mask"]).long()
+    num = int(label.numel()) + 1
+    has_gt = bool((mask != IGNORE_INDEX).any())
+    extras = extras and has_gt
+    ts, ths = t_values(pcfg), th_values(pcfg)
+    modes = [pcfg.upsample] + ([m for m in UPSAMPLE_MODES if m != pcfg.upsample] if extras else [])
+    image = item["image"][None]
+    res = infer_present(
+        models.spcam, models.fcn, image, label, pcfg.scales, pcfg.flip, ts, modes, pcfg.renormalize_asam, cell_size,
+        keep_psam=extras,
+    )  # fmt: skip
+    # Round once: the stored scores, the PNG labels and the confusion matrices all come from the float16 values.
+    rounded = {k: v.half() for k, v in res.scores.items()}
+    out: dict[str, np.ndarray] = {
+        "classes": res.classes.numpy().astype(np.int16),
+        "size": np.asarray(res.size, dtype=np.int32),
+        "t_list": np.asarray(ts, dtype=np.int32),
+        "th_list": np.asarray(ths, dtype=np.float32),
+        "upsample": np.asarray(pcfg.upsample),
+        "scores": torch.stack([rounded[(pcfg.upsample, t)] for t in ts]).numpy(),
+    }
+    if not has_gt:
+        return out
+    for mode in modes:
+        out[f"conf_{mode}"] = np.stack(
+            [_confusions(rounded[(mode, t)].float(), res.classes, mask, ths, num) for t in ts]
+        )
+    if not extras:
+        return out
+    if models.cam is not None:
+        cam = infer_present(models.cam, None, image, label, pcfg.scales, pcfg.flip, [0], ("bilinear",))
+        out["conf_cam"] = _confusions(cam.scores[("bilinear", 0)].half().float(), cam.classes, mask, ths, num)
+    size = res.size
+    grid = majority_labels(grid_ids(size, cell_size), mask, num)
+    out["conf_grid_ub"] = confusion_matrix(grid, mask, num)
+    q = res.psam
+    if q is None:  # scale 1 was not among the test scales: one more FCN forward
+        from data.transforms import inference_inputs
+
+        with torch.no_grad():
+            _, fcn_in = inference_inputs(image, 1.0, cell_size)
+            q = models.fcn(fcn_in.to(next(models.fcn.parameters()).device)).float().cpu()
+    sp = majority_labels(superpixel_ids(q, size, cell_size), mask, num)
+    out["conf_sp_ub"] = confusion_matrix(sp, mask, num)
+    return out
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomic ``np.savez_compressed``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def score_signature(cfg: Config) -> str:
+    """The settings the stored scores depend on; a scores file made with other settings is recomputed."""
+    pcfg = cfg.pseudo
+    return json.dumps(
+        {
+            "scales": [float(s) for s in pcfg.scales],
+            "flip": pcfg.flip,
+            "t_list": t_values(pcfg),
+            "th_list": th_values(pcfg),
+            "upsample": pcfg.upsample,
+            "renormalize_asam": pcfg.renormalize_asam,
+            "cell_size": cfg.fcn.cell_size,
+        },
+        sort_keys=True,
+    )
+
+
+def _stored_ok(path: Path, signature: str) -> bool:
+    """A finished scores file made with the same settings."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["signature"]) == signature
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device, progress: bool = True) -> int:
+    """Phase 1 for ``ids`` (one shard): write every missing ``scores/<id>.npz``. Returns the number computed."""
+    from data.datasets import EvalDataset
+
+    pcfg = cfg.pseudo
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    out_dir = paths.pseudo / SCORES_DIR
+    signature = score_signature(cfg)
+    todo = [i for i in ids if not _stored_ok(out_dir / f"{i}.npz", signature)]
+    log.info("scores: %d of %d images of this shard to compute", len(todo), len(ids))
+    if not todo:
+        return 0
+    models = load_models(cfg, device, layout.num_classes, need_cam=pcfg.ablation)
+    dataset = EvalDataset(layout, cfg.data.pseudo_split)
+    index = {image_id: k for k, image_id in enumerate(dataset.ids)}
+    subset = torch.utils.data.Subset(dataset, [index[i] for i in todo])
+    loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers)
+    start = time.time()
+    bar = tqdm(loader, total=len(todo), desc="pseudo scores", unit="img", disable=not progress)
+    for item in bar:
+        arrays = process_image(models, item, pcfg, cfg.fcn.cell_size, pcfg.ablation)
+        arrays["signature"] = np.asarray(signature)
+        save_npz(out_dir / f"{item['id']}.npz", arrays)
+    log.info(
+        "scores: %d images in %.1f s (%.2f img/s)", len(todo), time.time() - start, len(todo) / (time.time() - start)
+    )
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------- phase 2
+
+
+def load_scores(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path} (run the score phase of sp_cam.make_pseudo)")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def sum_confusions(
+    cfg: Config, ids: Sequence[str], keys: Sequence[str], progress: bool = False
+) -> dict[str, tuple[np.ndarray | None, int]]:
+    """Sum the stored per-image matrices of each key over ``ids`` in one pass over the files.
+
+    Returns:
+        {key: (sum, or None when no image has the key; number of images that have it)}.
+    """
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    totals: dict[str, tuple[np.ndarray | None, int]] = {k: (None, 0) for k in keys}
+    for image_id in tqdm(ids, desc="confusion matrices", unit="img", disable=not progress):
+        path = paths.pseudo / SCORES_DIR / f"{image_id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"scores file not found: {path} (run sp_cam.make_pseudo first)")
+        with np.load(path, allow_pickle=False) as z:
+            for key in keys:
+                if key in z.files:
+                    c = z[key].astype(np.int64)
+                    total, count = totals[key]
+                    totals[key] = (c if total is None else total + c, count + 1)
+    return totals
+
+
+def sweep(cfg: Config, ids: Sequence[str]) -> tuple[dict[tuple[int, float], IoUResult], int]:
+    """mIoU of every (t, th) pair over the images with GT, from the stored per-image confusion matrices."""
+    pcfg = cfg.pseudo
+    key = f"conf_{pcfg.upsample}"
+    conf, count = sum_confusions(cfg, ids, [key], progress=True)[key]
+    if conf is None:
+        return {}, 0
+    return pair_results(conf, t_values(pcfg), th_values(pcfg)), count
+
+
+def pair_results(conf: np.ndarray, ts: Sequence[int], ths: Sequence[float]) -> dict[tuple[int, float], IoUResult]:
+    """(T, TH, N, N) summed matrices -> {(t, th): IoUResult}."""
+    return {(t, th): iou_from_confusion(conf[i, j]) for i, t in enumerate(ts) for j, th in enumerate(ths)}
+
+
+def select_pair(cfg: Config, results: dict[tuple[int, float], IoUResult]) -> dict[str, Any]:
+    """The (t, th) choice and how it was made."""
+    pcfg = cfg.pseudo
+    if pcfg.select == "gt":
+        if not results:
+            raise ValueError(
+                f"pseudo.select=gt needs GT masks, but no image of split {cfg.data.pseudo_split!r} has one; "
+                "use pseudo.select=fixed with pseudo.t and pseudo.th"
+            )
+        (t, th), _ = best_pair(results)
+    else:
+        t, th = int(pcfg.t), round(float(pcfg.th), TH_DECIMALS)
+    res = results.get((t, th))
+    return {
+        "select": pcfg.select,
+        "t": t,
+        "th": th,
+        "miou": None if res is None else res.miou,
+        "fg_miou": None if res is None else res.fg_miou,
+    }
+
+
+def labels_for(arrays: dict[str, np.ndarray], t: int, th: float, ignore_band: float) -> np.ndarray:
+    """(H0, W0) uint8 pseudo label of one stored image at (t, th); 255 where the top-2 margin is below the band."""
+    ts = arrays["t_list"].tolist()
+    if t not in ts:
+        raise ValueError(f"t={t} is not among the stored walk steps {ts}")
+    fused = torch.from_numpy(arrays["scores"][ts.index(t)].astype(np.float32))
+    classes = torch.from_numpy(arrays["classes"].astype(np.int64))
+    label = labels_from_present(fused, classes, th)
+    if ignore_band > 0 and classes.numel():
+        # the competitors of every pixel: background at th, then the present classes
+        stack = torch.cat([torch.full((1, *fused.shape[-2:]), float(th)), fused])
+        top = stack.topk(2, dim=0).values if stack.shape[0] > 1 else None
+        if top is not None:
+            label = torch.where(top[0] - top[1] < ignore_band, torch.full_like(label, IGNORE_INDEX), label)
+    return label.numpy().astype(np.uint8)
+
+
+def write_outputs(cfg: Config, ids: Sequence[str], selection: dict[str, Any], progress: bool) -> None:
+    """Pseudo-label PNGs (and score maps) of ``ids`` for the selected pair; existing ones (same selection) are kept."""
+    from sp_cam.cam_store import save_cam
+
+    pcfg = cfg.pseudo
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    t, th = int(selection["t"]), float(selection["th"])
+    for image_id in tqdm(ids, desc="pseudo labels", unit="img", disable=not progress):
+        png = paths.pseudo_labels / f"{image_id}.png"
+        maps = paths.pseudo / SCORE_MAPS_DIR / f"{image_id}.npz"
+        need_png = not png.is_file()
+        need_maps = pcfg.save_scores and not maps.is_file()
+        if not (need_png or need_maps):
+            continue
+        arrays = load_scores(paths.pseudo / SCORES_DIR / f"{image_id}.npz")
+        if need_png:
+            write_label_png(png, labels_for(arrays, t, th, pcfg.ignore_band))
+        if need_maps:
+            k = arrays["t_list"].tolist().index(t)
+            save_cam(maps, arrays["scores"][k].astype(np.float32), arrays["classes"], dtype="float16")
+
+
+def _selection_key(cfg: Config) -> dict[str, Any]:
+    """What the labels depend on besides the stored scores: a change re-selects and rewrites them."""
+    return {"split": cfg.data.pseudo_split, "pseudo": dataclasses.asdict(cfg.pseudo)}
+
+
+def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Phase 2: sweep, selection, ``sweep.json``/``selection.json``, and the PNGs of ``write_ids`` (default all)."""
+    pcfg = cfg.pseudo
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    results, num_gt = sweep(cfg, ids)
+    choice = select_pair(cfg, results)
+    record = {
+        **choice,
+        "split": cfg.data.pseudo_split,
+        "num_images": len(ids),
+        "num_gt_images": num_gt,
+        "upsample": pcfg.upsample,
+        "ignore_band": pcfg.ignore_band,
+        "config": _selection_key(cfg),
+    }
+    sweep_record = {
+        "split": cfg.data.pseudo_split,
+        "num_gt_images": num_gt,
+        "upsample": pcfg.upsample,
+        "pairs": [{"t": t, "th": th, "miou": r.miou, "fg_miou": r.fg_miou} for (t, th), r in sorted(results.items())],
+    }
+    atomic_write_json(paths.pseudo / SWEEP_FILE, sweep_record)
+    previous = _read_json(paths.pseudo / SELECTION_FILE)
+    same = previous is not None and all(previous.get(k) == record[k] for k in ("t", "th", "ignore_band", "config"))
+    if not same:  # labels of another selection are stale: remove them before recording the new one (crash-safe)
+        for image_id in ids:
+            (paths.pseudo_labels / f"{image_id}.png").unlink(missing_ok=True)
+            (paths.pseudo / SCORE_MAPS_DIR / f"{image_id}.npz").unlink(missing_ok=True)
+    atomic_write_json(paths.pseudo / SELECTION_FILE, record)
+    if choice["miou"] is not None:
+        log.info("selected t=%d th=%.2f (%s): mIoU %.2f on %d images", choice["t"], choice["th"], pcfg.select,
+                 choice["miou"], num_gt)  # fmt: skip
+    else:
+        log.info("selected t=%d th=%.2f (%s): no GT to score it", choice["t"], choice["th"], pcfg.select)
+    if write_ids is None:
+        write_ids = ids
+    write_outputs(cfg, write_ids, record, progress=True)
+    return record
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_done(cfg: Config) -> bool:
+    """The DONE marker exists and was written for the current split and ``pseudo`` settings."""
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    done = _read_json(RunPaths.done(paths.pseudo))
+    return done is not None and done.get("config") == _selection_key(cfg)
+
+
+def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Pseudo labels for ``cfg.data.pseudo_split``.
+
+    Args:
+        shard: (i, n) to process only ids ``i::n`` (processes launched by hand); default: the torchrun rank and world
+            size (a single process without torchrun). Without a process group the shard that finds every scores file
+            present finishes phase 2.
+    Returns:
+        The selection record (``t``, ``th``, ``select``, ``miou`` ...), or {} for a shard that left phase 2 to others.
+    """
+    from data.voc_layout import open_dataset
+    from sp_cam.runtime import configure_threads, setup_logging
+
+    check_pseudo_config(cfg.pseudo)
+    info, device = dist_utils.init_distributed(cfg.run.device)
+    configure_threads(cfg.run.num_threads)
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    setup_logging(cfg.run.log_level, paths.root / "pseudo.log", rank=info.rank)
+    if is_done(cfg):
+        log.info("pseudo labels already written (%s)", RunPaths.done(paths.pseudo))
+        return _read_json(paths.pseudo / SELECTION_FILE) or {}
+    rank, world = shard if shard is not None else (info.rank, info.world_size)
+    layout = open_dataset(cfg)
+    ids = layout.ids(cfg.data.pseudo_split)
+    mine = dist_utils.shard(ids, rank, world)
+    compute_scores(cfg, layout, mine, device, progress=rank == 0)
+    record: dict[str, Any] = {}
+    if info.distributed:
+        dist_utils.barrier()
+        if info.is_main:
+            record = finalize(cfg, ids, write_ids=[])
+        dist_utils.barrier()
+        record = _read_json(paths.pseudo / SELECTION_FILE) or {}
+        write_outputs(cfg, mine, record, progress=info.is_main)
+        dist_utils.barrier()
+    else:
+        missing = [i for i in ids if not (paths.pseudo / SCORES_DIR / f"{i}.npz").is_file()]
+        if missing:
+            log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
+            return {}
+        record = finalize(cfg, ids)
+    if rank == 0 or not info.distributed:
+        atomic_write_text(RunPaths.done(paths.pseudo), json.dumps({**record, "finished": time.time()}) + "\n")
+        log.info("pseudo labels: %s (%d images)", paths.pseudo_labels, len(ids))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=str, required=True, help="YAML config file")
+    parser.add_argument("--shard", type=str, default="", help="i/n: process only the ids i::n (0-based i)")
+    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        shard = dist_utils.parse_shard(args.shard) if args.shard else None
+        run(cfg, shard)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist_utils.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
