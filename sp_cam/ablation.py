@@ -101,6 +101,9 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
     if psam is not None and t_sel in ts and th_sel in ths:
         res = iou_from_confusion(psam[ts.index(t_sel), ths.index(th_sel)])
         rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, res, n_psam, "", final_psam))
+    elif final_psam and selection.get("miou") is not None:  # a fixed th outside the sweep: scored by make_pseudo
+        rows.append(Row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, selection["miou"], selection.get("fg_miou"),
+                        num_gt, "", True))  # fmt: skip
     else:
         rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, None, 0, no_extras, final_psam))
     bil, n_bil = sums["conf_bilinear"]

@@ -19,16 +19,21 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data.datasets import EvalDataset
+from data.voc_layout import open_dataset
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import CAM_DTYPES, save_cam
 from sp_cam.config import Config, ConfigError, load_config, save_config
+from sp_cam.inference import infer_present
 from sp_cam.io import atomic_write_text
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import configure_threads, resolve_device, setup_logging
+from sp_cam.train_cls import load_classifier
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sp_cam.export_cams")
 
 LOG_FILE = "export.log"
 
@@ -56,8 +61,6 @@ def export_one(model: torch.nn.Module, item: dict, out: Path, cfg: Config) -> No
     Args:
         item: EvalDataset item (``id``, ``image`` (3, H0, W0) normalised, ``label`` (K,)).
     """
-    from sp_cam.inference import infer_present
-
     label = torch.as_tensor(item["label"])
     if not bool((label > 0).any()):
         raise ValueError(f"image {item['id']!r} has no positive class: no CAM to export (remove it from the split)")
@@ -82,10 +85,6 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
     Args:
         shard: (i, n) to process ``ids[i::n]`` only; default: RANK / WORLD_SIZE under torchrun, else everything.
     """
-    from data.datasets import EvalDataset
-    from data.voc_layout import open_dataset
-    from sp_cam.train_cls import load_classifier
-
     check_export_config(cfg)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     out_dir = paths.cams
@@ -95,7 +94,8 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
         return out_dir
     info = dist_utils.env_info()
     rank, world = shard if shard is not None else (info.rank, info.world_size)
-    dist_utils.shard([], rank, world)  # validates i/n
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world}: expected i/n with 0 <= i < n")
     configure_threads(cfg.run.num_threads)
     device = resolve_device(cfg.run.device, local_rank=info.local_rank)
 
@@ -130,9 +130,11 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
         cfg.export.dtype,
     )
     start = time.time()
-    bar = tqdm(todo, desc=f"export {rank}/{world}", unit="img", disable=rank != 0 and world > 1, dynamic_ncols=True)
-    for n, image_id in enumerate(bar, 1):
-        export_one(model, dataset[index[image_id]], cam_path(out_dir, image_id), cfg)
+    # images are decoded by loader workers while the model runs (batch_size=None: one full-size item at a time)
+    items = DataLoader(Subset(dataset, [index[i] for i in todo]), batch_size=None, num_workers=cfg.data.num_workers)
+    bar = tqdm(items, total=len(todo), desc=f"export {rank}/{world}", unit="img", disable=rank != 0 and world > 1)
+    for n, item in enumerate(bar, 1):
+        export_one(model, item, cam_path(out_dir, item["id"]), cfg)
         bar.set_postfix(img_s=f"{n / max(time.time() - start, 1e-9):.2f}")
     bar.close()
     left = missing_ids(out_dir, dataset.ids)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -64,6 +65,7 @@ SCORE_MAPS_DIR = "score_maps"
 SELECTION_FILE = "selection.json"
 SWEEP_FILE = "sweep.json"
 SELECT_MODES = ("gt", "fixed")
+FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a weights file
 TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, spec 4)
 
 
@@ -102,9 +104,8 @@ def t_values(pcfg: PseudoConfig) -> list[int]:
 
 
 def th_values(pcfg: PseudoConfig) -> list[float]:
-    """The swept thresholds, plus the fixed one (select=fixed) so that its mIoU is measured too."""
-    ths = list(pcfg.th_list) + ([pcfg.th] if pcfg.select == "fixed" else [])
-    return sorted(set(round(float(th), TH_DECIMALS) for th in ths))
+    """The swept thresholds, rounded and sorted."""
+    return sorted(set(round(float(th), TH_DECIMALS) for th in pcfg.th_list))
 
 
 def load_models(cfg: Config, device: torch.device, num_classes: int, need_cam: bool = False) -> Models:
@@ -183,7 +184,9 @@ def process_image(
     if not extras:
         return out
     if models.cam is not None:
-        cam = infer_present(models.cam, None, image, label, pcfg.scales, pcfg.flip, [0], ("bilinear",))
+        cam = infer_present(
+            models.cam, None, image, label, pcfg.scales, pcfg.flip, [0], ("bilinear",), cell_size=cell_size
+        )
         out["conf_cam"] = _confusions(cam.scores[("bilinear", 0)].half().float(), cam.classes, mask, ths, num)
     size = res.size
     grid = majority_labels(grid_ids(size, cell_size), mask, num)
@@ -210,11 +213,38 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
+def file_fingerprint(path: Path) -> str:
+    """Size plus a SHA-1 of the first and last MiB: tells retrained weights apart without reading whole files."""
+    size = path.stat().st_size
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def weights_fingerprint(cfg: Config) -> dict[str, str]:
+    """Fingerprints of the weights stage 3 uses (SP-CAM, FCN and, if present, the baseline CAM)."""
+    from sp_cam.train_cls import fcn_weights_path
+
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    files = {"spcam": RunPaths.model(paths.spcam), "cam": RunPaths.model(paths.cam)}
+    out = {k: file_fingerprint(p) for k, p in files.items() if p.is_file()}
+    try:
+        out["fcn"] = file_fingerprint(fcn_weights_path(cfg, paths))
+    except FileNotFoundError:
+        pass  # reported by load_models when the scores are computed
+    return out
+
+
 def score_signature(cfg: Config) -> str:
-    """The settings the stored scores depend on; a scores file made with other settings is recomputed."""
+    """The settings and weights the stored scores depend on; a scores file made otherwise is recomputed."""
     pcfg = cfg.pseudo
     return json.dumps(
         {
+            "weights": weights_fingerprint(cfg),
             "scales": [float(s) for s in pcfg.scales],
             "flip": pcfg.flip,
             "t_list": t_values(pcfg),
@@ -375,8 +405,28 @@ def write_outputs(cfg: Config, ids: Sequence[str], selection: dict[str, Any], pr
 
 
 def _selection_key(cfg: Config) -> dict[str, Any]:
-    """What the labels depend on besides the stored scores: a change re-selects and rewrites them."""
-    return {"split": cfg.data.pseudo_split, "pseudo": dataclasses.asdict(cfg.pseudo)}
+    """What the labels depend on: a change re-selects and rewrites them (and recomputes stale scores)."""
+    return {
+        "split": cfg.data.pseudo_split,
+        "pseudo": dataclasses.asdict(cfg.pseudo),
+        "weights": weights_fingerprint(cfg),
+    }
+
+
+def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float) -> IoUResult:
+    """mIoU of one (t, th) pair from the stored scores and the GT masks (a pair outside the stored sweep)."""
+    from data.voc_layout import open_dataset
+
+    layout = open_dataset(cfg)
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    conf = np.zeros((layout.num_classes + 1,) * 2, dtype=np.int64)
+    for image_id in tqdm(ids, desc=f"score t={t} th={th:g}", unit="img"):
+        mask = layout.load_mask(image_id)
+        if mask is None:
+            continue
+        arrays = load_scores(paths.pseudo / SCORES_DIR / f"{image_id}.npz")
+        conf += confusion_matrix(labels_for(arrays, t, th, 0.0), mask, layout.num_classes + 1)
+    return iou_from_confusion(conf)
 
 
 def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = None) -> dict[str, Any]:
@@ -385,6 +435,9 @@ def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = 
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     results, num_gt = sweep(cfg, ids)
     choice = select_pair(cfg, results)
+    if choice["miou"] is None and num_gt:  # select=fixed with a th outside the sweep: score it from the stored maps
+        res = score_pair(cfg, ids, choice["t"], choice["th"])
+        choice["miou"], choice["fg_miou"] = res.miou, res.fg_miou
     record = {
         **choice,
         "split": cfg.data.pseudo_split,

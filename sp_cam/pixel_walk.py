@@ -72,7 +72,9 @@ def _shift(x: torch.Tensor, dy: int, dx: int, fill: float = 0.0) -> torch.Tensor
     return out
 
 
-def _inside(h: int, w: int, offsets: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _inside(
+    h: int, w: int, offsets: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """(R, h, w) 1 where ``p + offset`` lies inside the grid."""
     ones = torch.ones(1, h, w, device=device, dtype=dtype)
     return torch.cat([_shift(ones, dy, dx) for dy, dx in offsets])
@@ -203,7 +205,9 @@ def sparse_walk(x: torch.Tensor, weights: torch.Tensor, steps: int, radius: int 
     """
     offsets = disk_offsets(radius)
     if weights.ndim != 3 or weights.shape[0] != len(offsets) or weights.shape[-2:] != x.shape[-2:]:
-        raise ValueError(f"weights must have shape ({len(offsets)}, {x.shape[-2]}, {x.shape[-1]}), got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape ({len(offsets)}, {x.shape[-2]}, {x.shape[-1]}), got {tuple(weights.shape)}"
+        )
     if steps < 0:
         raise ValueError(f"number of walk steps must be >= 0, got {steps}")
     h, w = x.shape[-2:]
@@ -219,7 +223,9 @@ def sparse_walk(x: torch.Tensor, weights: torch.Tensor, steps: int, radius: int 
     return cur
 
 
-def pixel_random_walk(x: torch.Tensor, guide: torch.Tensor, cfg: PixelWalkConfig, method: str = "dense") -> torch.Tensor:
+def pixel_random_walk(
+    x: torch.Tensor, guide: torch.Tensor, cfg: PixelWalkConfig, method: str = "dense"
+) -> torch.Tensor:
     """Affinity, transition matrix and ``2^log_t`` walk steps on one image (everything after the networks).
 
     Args:

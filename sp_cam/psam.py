@@ -79,9 +79,9 @@ def _check_grid(x: torch.Tensor, q: torch.Tensor, h: int, w: int, name: str) -> 
 
 
 def _cells(x: torch.Tensor, cell_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, h, S, w, S) view."""
+    """(B, C, H, W) -> (B, C, h, S, w, S), a view when ``x`` is contiguous."""
     B, C, H, W = x.shape
-    return x.view(B, C, H // cell_size, cell_size, W // cell_size, cell_size)
+    return x.reshape(B, C, H // cell_size, cell_size, W // cell_size, cell_size)
 
 
 def _gather3(g: torch.Tensor) -> torch.Tensor:
@@ -286,3 +286,21 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     if ph == 0 and pw == 0:
         return x, (H, W)
     return F.pad(x, (0, pw, 0, ph)), (H, W)
+
+
+def hard_assignment(q: torch.Tensor, cell_size: int = 16) -> torch.Tensor:
+    """Hard superpixel labels: each pixel goes to its most associated in-grid candidate cell ``c(p) + o_k``.
+
+    Args:
+        q: (B, 9, H, W) PSAM.
+    Returns:
+        (B, H, W) int64 cell indices ``row * w + col`` of the grid (h, w).
+    """
+    h, w = _check_psam_shape(q, cell_size)
+    inside = _gather3(torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device)).view(1, NUM_CANDIDATES, h, 1, w, 1) > 0
+    qc = _cells(q, cell_size).masked_fill(~inside, -1.0)  # out-of-grid candidates never win (q >= 0)
+    k = qc.argmax(1)  # (B, h, S, w, S)
+    rows = torch.arange(h, device=q.device).view(1, h, 1, 1, 1) + k // 3 - 1
+    cols = torch.arange(w, device=q.device).view(1, 1, 1, w, 1) + k % 3 - 1
+    B = q.shape[0]
+    return (rows * w + cols).reshape(B, h * cell_size, w * cell_size)

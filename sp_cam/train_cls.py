@@ -35,6 +35,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from data.datasets import EvalDataset, TrainDataset
+from data.transforms import inference_inputs
+from data.voc_layout import VOCLayout, open_dataset
+from net.classifiers import build_classifier
+from net.cls_losses import eps_saliency_loss, multilabel_loss
+from net.spixel_fcn import build_spixel_fcn
 from sp_cam import distributed as dist_utils
 from sp_cam.config import (
     ClassifierConfig,
@@ -45,11 +51,15 @@ from sp_cam.config import (
     load_config,
     save_config,
 )
+from sp_cam.inference import evaluate_split_confusion
 from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
+from sp_cam.metrics import iou_from_confusion
+from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
+from sp_cam.psam import psam_pool
 from sp_cam.runtime import configure_threads, derive_seed, rng_state, seed_everything, set_rng_state, setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sp_cam.train_cls")
 
 MODEL_TYPES = ("cam", "spcam")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -137,7 +147,7 @@ def check_batch_labels(ids: list[str], labels: torch.Tensor, num_classes: int) -
         )
 
 
-def check_split_labels(layout: Any, ids: list[str], split: str) -> None:
+def check_split_labels(layout: VOCLayout, ids: list[str], split: str) -> None:
     """Every id of a training split must name at least one foreground class (checked once, before training)."""
     empty = [i for i in ids if not layout.labels(i)]
     if empty:
@@ -187,8 +197,6 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[floa
 
 def build_model(ccfg: ClassifierConfig, model_type: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
     """The classifier of ``model_type`` (``pretrained`` overrides ``ccfg.pretrained``; "" skips backbone weights)."""
-    from net.classifiers import build_classifier
-
     if pretrained == "":
         with _quiet("net.backbones"):  # weights come from a checkpoint next: no "random initialisation" warning
             return build_classifier(model_type, ccfg, num_classes, pretrained="")
@@ -220,8 +228,6 @@ def load_frozen_fcn(path: Path, device: torch.device) -> nn.Module:
 
     Accepts the stage-1 result (``{'model': state_dict, ...}``) and published SpixelFCN / Q files alike.
     """
-    from net.spixel_fcn import build_spixel_fcn
-
     fcn = build_spixel_fcn(path)  # tolerant loader: unwraps 'model' / 'state_dict', strips 'module.'
     fcn.to(device).eval().requires_grad_(False)
     return fcn
@@ -264,21 +270,21 @@ def load_classifier(path: str | Path, expected_type: str, device: torch.device |
 
 @dataclass
 class Loaders:
-    train_set: Any  # data.datasets.TrainDataset
+    train_set: TrainDataset
     sampler: DistributedSampler
     loader: DataLoader
     micro_batch: int
     steps_per_epoch: int  # optimizer steps
 
 
-def build_loaders(cfg: Config, ccfg: ClassifierConfig, layout: Any, info: dist_utils.DistInfo, section: str) -> Loaders:
+def build_loaders(
+    cfg: Config, ccfg: ClassifierConfig, layout: VOCLayout, info: dist_utils.DistInfo, section: str
+) -> Loaders:
     """The training loader of this process: a seeded DistributedSampler (also with one process) over the split.
 
     Global step k of an epoch always takes the images ``perm[k*B:(k+1)*B]`` of that epoch's permutation, whatever the
     number of processes or micro-batches.
     """
-    from data.datasets import TrainDataset
-
     micro = micro_batch_size(ccfg.batch_size, info.world_size, ccfg.grad_accum, section)
     train_set = TrainDataset(
         layout,
@@ -350,25 +356,13 @@ def compute_loss(
     with _autocast(state.device, state.amp_dtype):
         logits = state.model(image) if psam is None else state.model(image, psam)
     logits = logits.float()
-    loss_cls = _multilabel_loss(logits, labels)
+    loss_cls = multilabel_loss(logits, labels)
     loss_sal = logits.new_zeros(())
     if state.use_saliency:
         sal = batch["saliency"].to(state.device, non_blocking=True).float()
         sal_grid = _saliency_on_grid(sal, psam, logits.shape[-2:], state.cell_size)
-        loss_sal = _eps_saliency_loss(logits, sal_grid, labels, ccfg.tau)
+        loss_sal = eps_saliency_loss(logits, sal_grid, labels, ccfg.tau)
     return loss_cls + ccfg.alpha * loss_sal, {"cls": loss_cls.detach(), "sal": loss_sal.detach()}
-
-
-def _multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from net.cls_losses import multilabel_loss
-
-    return multilabel_loss(logits, labels)
-
-
-def _eps_saliency_loss(logits: torch.Tensor, sal: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
-    from net.cls_losses import eps_saliency_loss
-
-    return eps_saliency_loss(logits, sal, labels, tau)
 
 
 def _saliency_on_grid(
@@ -376,8 +370,6 @@ def _saliency_on_grid(
 ) -> torch.Tensor:
     """(B, 1, S, S) saliency -> (B, 1, h, w): PSAM pooling for SP-CAM (spec 3.3), nearest resize for CAM (spec 3.0)."""
     if psam is not None:
-        from sp_cam.psam import psam_pool
-
         return psam_pool(sal, psam, cell_size=cell_size)
     return F.interpolate(sal, size=tuple(grid), mode="nearest")
 
@@ -511,15 +503,13 @@ def _check_finite(state: TrainState, step_loss: torch.Tensor, epoch: int, step_i
 
 @torch.no_grad()
 def classification_scores(
-    net: nn.Module, fcn: nn.Module | None, dataset: Any, indices: list[int], cell_size: int
+    net: nn.Module, fcn: nn.Module | None, dataset: EvalDataset, indices: list[int], cell_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """GAP scores of the foreground channels at scale 1, no flip.
 
     Returns:
         scores (n, K) float32 (the pooled logits), labels (n, K) float32.
     """
-    from data.transforms import inference_inputs
-
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -540,7 +530,7 @@ def classification_scores(
 
 
 def evaluate(
-    net: nn.Module, fcn: nn.Module | None, dataset: Any, ccfg: ClassifierConfig, model_type: str, cell_size: int
+    net: nn.Module, fcn: nn.Module | None, dataset: EvalDataset, ccfg: ClassifierConfig, model_type: str, cell_size: int
 ) -> dict[str, Any]:
     """Per-epoch evaluation on the eval split, sharded over the processes (all of them must call it).
 
@@ -550,9 +540,6 @@ def evaluate(
     Returns:
         {"miou", "fg_miou", "t", "th" (best pair), "pairs": {"t=..,th=..": miou}, "map", "map_chance", "images"}.
     """
-    from sp_cam.inference import evaluate_split_confusion
-    from sp_cam.metrics import iou_from_confusion
-
     n = len(dataset) if ccfg.eval_max_images <= 0 else min(ccfg.eval_max_images, len(dataset))
     mine = dist_utils.shard(list(range(n)), dist_utils.get_rank(), dist_utils.get_world_size())
     t_list = [0] if model_type == "cam" else list(ccfg.eval_t)
@@ -698,13 +685,13 @@ def run(cfg: Config, model_type: str) -> Path:
     if not layout.has_saliency:
         log.info("%s: no saliency maps: labels-only mode (multilabel loss only, no EPS saliency term)", model_type)
 
+    eval_set = _eval_dataset(layout, cfg, ccfg, model_type) if ccfg.eval_every else None
+
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
     net = build_model(ccfg, model_type, num_classes).to(device)
     fcn = load_frozen_fcn(fcn_weights_path(cfg, paths), device) if model_type == "spcam" else None
     loaders = build_loaders(cfg, ccfg, layout, info, model_type)
     total_steps = ccfg.epochs * loaders.steps_per_epoch
-    from sp_cam.optim import build_optimizer
-
     optimizer, scheduler = build_optimizer(net, ccfg, total_steps)
     amp_dtype, use_scaler = _amp_settings(ccfg.amp, device, model_type)
     state = TrainState(
@@ -727,7 +714,6 @@ def run(cfg: Config, model_type: str) -> Path:
     if info.distributed:
         state.model = dist_utils.wrap_ddp(net, device)
 
-    eval_set = _eval_dataset(layout, cfg, ccfg, model_type) if ccfg.eval_every else None
     log.info(
         "%s: %d images, %d steps/epoch x %d epochs, batch %d = %d process(es) x %d micro-batch(es) x %d, device %s",
         model_type,
@@ -782,18 +768,14 @@ def run(cfg: Config, model_type: str) -> Path:
     return final
 
 
-def _open_layout(cfg: Config, main: bool) -> Any:
+def _open_layout(cfg: Config, main: bool) -> VOCLayout:
     """Open the dataset; rank 0 first, so that a toy set is generated once."""
-    from data.voc_layout import open_dataset
-
     layout = open_dataset(cfg) if main else None
     dist_utils.barrier()
     return layout if layout is not None else open_dataset(cfg)
 
 
-def _eval_dataset(layout: Any, cfg: Config, ccfg: ClassifierConfig, section: str) -> Any:
-    from data.datasets import EvalDataset
-
+def _eval_dataset(layout: VOCLayout, cfg: Config, ccfg: ClassifierConfig, section: str) -> EvalDataset:
     dataset = EvalDataset(layout, cfg.data.eval_split)
     n = len(dataset) if ccfg.eval_max_images <= 0 else min(ccfg.eval_max_images, len(dataset))
     if n == 0:
@@ -832,7 +814,13 @@ def _epoch_line(model_type: str, record: dict[str, Any], epochs: int) -> str:
 
 
 def _write_final(
-    state: TrainState, sdir: Path, cfg: Config, model_type: str, num_classes: int, ccfg: ClassifierConfig, layout: Any
+    state: TrainState,
+    sdir: Path,
+    cfg: Config,
+    model_type: str,
+    num_classes: int,
+    ccfg: ClassifierConfig,
+    layout: VOCLayout,
 ) -> None:
     if ccfg.select == "gt":
         best = load_checkpoint(sdir / BEST_CHECKPOINT)

@@ -102,7 +102,9 @@ def choose_mode(fcfg: FCNConfig, has_saliency: bool) -> tuple[str, str]:
     """(loss mode, why)."""
     if fcfg.mode == "saliency":
         if not has_saliency:
-            raise ConfigError("fcn.mode=saliency but the dataset has no saliency maps (use fcn.mode=auto or labels_only)")
+            raise ConfigError(
+                "fcn.mode=saliency but the dataset has no saliency maps (use fcn.mode=auto or labels_only)"
+            )
         return "saliency", "fcn.mode=saliency"
     if fcfg.mode == "labels_only":
         return "labels_only", "fcn.mode=labels_only"
@@ -355,7 +357,9 @@ def run(cfg: Config) -> Path:
         raise ConfigError(f"data.train_split={cfg.data.train_split!r} is empty")
     batch_size = min(fcfg.batch_size, len(train_set))
     if batch_size < fcfg.batch_size:
-        log.warning("stage 1: %d training images < fcn.batch_size=%d: batch %d", len(train_set), fcfg.batch_size, batch_size)
+        log.warning(
+            "stage 1: %d training images < fcn.batch_size=%d: batch %d", len(train_set), fcfg.batch_size, batch_size
+        )
     steps = len(train_set) // batch_size  # drop_last, as the reference
     total_steps = fcfg.epochs * steps
     affinity_from = affinity_from_step(fcfg, total_steps)
@@ -377,7 +381,9 @@ def run(cfg: Config) -> Path:
     eval_set = EvalDataset(layout, cfg.data.eval_split)
     has_gt = any(layout.has_gt(i) for i in eval_set.ids[: fcfg.val_max_images or None])
     if not has_gt:
-        log.info("stage 1: no GT masks on data.eval_split=%r: no validation, the last epoch is kept", cfg.data.eval_split)
+        log.info(
+            "stage 1: no GT masks on data.eval_split=%r: no validation, the last epoch is kept", cfg.data.eval_split
+        )
     metrics_path = sdir / METRICS_FILE
     log.info(
         "stage 1: %d images, %d steps/epoch x %d epochs, batch %d, %d classes, device %s",
@@ -391,7 +397,9 @@ def run(cfg: Config) -> Path:
     if has_gt and state.epoch == 0 and not state.best.get("initial"):
         initial = evaluate(model, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
         state.best = {"initial": initial["miou"]}
-        append_jsonl(metrics_path, {"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in initial.items()}})
+        append_jsonl(
+            metrics_path, {"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in initial.items()}}
+        )
         log.info("stage 1: initial weights: GT-reconstruction mIoU %.2f", initial["miou"])
 
     while state.epoch < fcfg.epochs:
@@ -423,7 +431,7 @@ def run(cfg: Config) -> Path:
         if has_gt:
             result = evaluate(model, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
             record.update({f"eval_{k}": v for k, v in result.items()})
-            if result["miou"] > state.best.get("miou", -math.inf):
+            if result["miou"] >= state.best.get("miou", -math.inf):  # ties: the later epoch
                 # before last.pt: a crash in between redoes the epoch and rewrites the same file
                 save_checkpoint(sdir / BEST_CHECKPOINT, {"model": model.state_dict(), "epoch": state.epoch, **result})
                 state.best.update(epoch=state.epoch, miou=result["miou"], fg_miou=result["fg_miou"])

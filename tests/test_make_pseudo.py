@@ -167,6 +167,19 @@ def test_fixed_selection_rewrites_labels_without_rerunning_networks(done_run, tm
         assert (paths.pseudo / make_pseudo.SCORE_MAPS_DIR / f"{image_id}.npz").is_file()
 
 
+def test_fixed_threshold_outside_the_sweep_is_scored(done_run, tmp_path, monkeypatch):
+    cfg = copy_run(done_run, tmp_path / "w", "pseudo.select=fixed", "pseudo.t=3", "pseudo.th=0.33")
+    monkeypatch.setattr(make_pseudo, "process_image", lambda *a, **k: pytest.fail("networks rerun"))
+    rec = make_pseudo.run(cfg)
+    layout = open_dataset(cfg)
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    conf = sum(
+        confusion_matrix(read_label_png(paths.pseudo_labels / f"{i}.png"), layout.load_mask(i), layout.num_classes + 1)
+        for i in layout.ids("val")
+    )
+    assert rec["th"] == 0.33 and rec["miou"] == pytest.approx(iou_from_confusion(conf).miou, abs=1e-9)
+
+
 def test_sharded_run_equals_single_process(done_run, tmp_path):
     cfg = new_run(tmp_path / "w")
     assert make_pseudo.run(cfg, shard=(1, 2)) == {}  # leaves phase 2 to the shard that completes the set
@@ -188,9 +201,9 @@ def test_select_gt_without_gt_is_an_error(done_run, tmp_path):
     RunPaths.done(paths.pseudo).unlink()
     with pytest.raises(ValueError, match="select=fixed"):
         make_pseudo.run(cfg)
-    fixed = tiny_config(Path(cfg.run.work_dir), "pseudo.select=fixed", "pseudo.t=3", "pseudo.th=0.4")
+    fixed = tiny_config(Path(cfg.run.work_dir), "pseudo.select=fixed", "pseudo.t=3", "pseudo.th=0.3")
     rec = make_pseudo.run(fixed)  # reuses the scores of the failed run
-    assert rec["miou"] is None and rec["num_gt_images"] == 0 and (rec["t"], rec["th"]) == (3, 0.4)
+    assert rec["miou"] is None and rec["num_gt_images"] == 0 and (rec["t"], rec["th"]) == (3, 0.3)
     metrics = ablation.run(fixed)
     assert metrics["miou"] is None and metrics["num_images"] == 4
 

@@ -24,6 +24,15 @@ S = 4  # small cell size keeps the loops fast; the operators take any cell size
 EPS = 1e-8
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and a busy machine stalls them; restore the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_psam(b: int, h: int, w: int, cell: int = S, sharp: float = 2.0, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(b, 9, h * cell, w * cell, generator=gen, dtype=torch.float64) * sharp
@@ -236,6 +245,9 @@ def test_dtype_batch_and_no_mutation(dtype):
     outs.append(drm_redistribute(g, q[:, :, :2, :3].contiguous()))
     assert all(o.dtype == dtype for o in outs)
     assert torch.equal(q, q0) and torch.equal(g, g0) and torch.equal(f, f0)
+    # non-contiguous inputs (a transposed view) work too
+    qt = random_psam(1, 3, 3, seed=9).to(dtype).transpose(-1, -2)
+    assert maxerr(psam_pool(qt[:, :1], qt, S), psam_pool(qt[:, :1].contiguous(), qt.contiguous(), S)) <= 1e-6
     # each image of the batch is processed on its own
     single = psam_pool(f[1:2], q[1:2], S)
     assert maxerr(outs[1][1:2], single) <= 1e-5

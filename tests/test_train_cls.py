@@ -238,3 +238,23 @@ def test_command_line(trained_cam, tmp_path, capsys):
     assert train_cls.main(["cam", *args, "data.dataset=folder", "run.device=cpu"]) == 0  # finished: skipped
     assert train_cls.main(["cam", "cam.no_such_key=1"]) == 2
     assert "unknown key 'cam.no_such_key'" in capsys.readouterr().err
+
+
+def test_labels_only_mode_and_cpu_fallbacks(toy_root, tmp_path, caplog):
+    cfg = tiny_config(
+        tmp_path,
+        toy_root,
+        "data.saliency_dir=none",
+        "cam.epochs=1",
+        "cam.eval_every=0",
+        "cam.select=last",
+        "cam.amp=bf16",
+        "cam.tensorboard=true",
+    )
+    with caplog.at_level("INFO"):
+        train_cls.run(cfg, "cam")
+    sdir = RunPaths.from_work_dir(cfg.run.work_dir).cam
+    records = [json.loads(line) for line in (sdir / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["loss_sal"] == 0.0 and r["loss"] == r["loss_cls"] for r in records)
+    assert "labels-only mode" in caplog.text and "cam.amp=bf16 is for CUDA only" in caplog.text
+    assert (sdir / train_cls.TENSORBOARD_DIR).is_dir() or "tensorboard package is not installed" in caplog.text

@@ -20,6 +20,15 @@ from sp_cam.paths import RunPaths
 SIZE = 64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions run fastest (and never stall on a busy machine) on one thread; restore the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory) -> Path:
     return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy_data", num_train=5, num_val=2, image_size=SIZE)
@@ -31,10 +40,11 @@ def make_config(work: Path, root: Path, *extra: str):
         [
             f"run.work_dir={work}",
             "run.device=cpu",
+            "run.num_threads=1",
             "data.dataset=toy",
             f"data.root={root}",
-            f"toy.num_train=5",
-            f"toy.num_val=2",
+            "toy.num_train=5",
+            "toy.num_val=2",
             f"toy.image_size={SIZE}",
             f"data.crop_size={SIZE}",
             "data.resize_long_min=48",
@@ -125,7 +135,7 @@ def test_cam_errors(tmp_path, toy_root):
         train_fcn.run(make_config(work, toy_root))
     work = tmp_path / "badcams"
     write_cams(work, toy_root, bad_shape=True)
-    with pytest.raises(ValueError, match=r"\.npz: CAM size \(64, 61\) does not match the image size \(64, 64\)"):
+    with pytest.raises(ValueError, match=r"\.npz: CAM size \(61, 64\) does not match the image size \(64, 64\)"):
         train_fcn.run(make_config(work, toy_root))
 
 

@@ -142,18 +142,19 @@ class BenchSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
 
 
-QUICK = {
-    "ops_size": (256, 256),
-    "image": (96, 128),
+QUICK = {  # --quick: a smoke run of every section (the test), well under a minute on 2 idle cores
+    "ops_size": (128, 128),
+    "image": (64, 96),
     "backbone": "tiny",
-    "train_size": 128,
+    "train_size": 64,
     "warmup": 1,
-    "repeats": 3,
-    "heavy_warmup": 1,
-    "heavy_repeats": 2,
-    "pseudo_images": 2,
+    "repeats": 2,
+    "heavy_warmup": 0,
+    "heavy_repeats": 1,
+    "pseudo_images": 1,
     "pseudo_image_size": 64,
     "profile": False,
+    "threads": 1,  # one thread: two-thread OpenMP regions stall badly on a loaded 2-core machine
 }
 
 
@@ -207,6 +208,7 @@ class Case:
     memory: bool = True
     once: bool = False  # too slow to repeat on CPU: timed once, in the memory child
     note: str = ""
+    keep: bool = False  # keep the output of the last timed run for the checks
 
 
 def _ops_inputs(s: BenchSettings, device: torch.device) -> dict[str, torch.Tensor]:
@@ -228,12 +230,16 @@ def ops_closure(op: str, form: str, x: dict[str, torch.Tensor], steps: int) -> C
     fast = form == "fast"
     q, f, g, a = x["q"], x["f"], x["g"], x["a"]
     table: dict[str, Callable[[], torch.Tensor]] = {
-        "pool": (lambda: ops.psam_pool(f, q, CELL_SIZE)) if fast else (lambda: ref_ops.psam_pool_reference(f, q, CELL_SIZE)),
+        "pool": (lambda: ops.psam_pool(f, q, CELL_SIZE))
+        if fast
+        else (lambda: ref_ops.psam_pool_reference(f, q, CELL_SIZE)),
         "upsample": (lambda: ops.psam_upsample(g, q, CELL_SIZE))
         if fast
         else (lambda: ref_ops.psam_upsample_reference(g, q, CELL_SIZE)),
         "asam": (lambda: ops.asam(q, CELL_SIZE)) if fast else (lambda: ref_ops.asam_reference(q, CELL_SIZE)),
-        "walk": (lambda: ops.random_walk(g, a, steps)) if fast else (lambda: ref_ops.random_walk_reference(g, a, steps)),
+        "walk": (lambda: ops.random_walk(g, a, steps))
+        if fast
+        else (lambda: ref_ops.random_walk_reference(g, a, steps)),
     }
     return _no_grad(table[op])
 
@@ -261,9 +267,9 @@ def stage3_inputs(s: BenchSettings, device: torch.device, all_present: bool = Fa
     for scale in s.scales:
         H, W = _padded(s.image, scale)
         psams[(H, W)] = _random_psam((2, 9, H, W), gen, device)
-        logits[(H, W)] = (PSAM_SHARPNESS * torch.randn(2, s.num_classes + 1, H // CELL_SIZE, W // CELL_SIZE, generator=gen)).to(
-            device
-        )
+        logits[(H, W)] = (
+            PSAM_SHARPNESS * torch.randn(2, s.num_classes + 1, H // CELL_SIZE, W // CELL_SIZE, generator=gen)
+        ).to(device)
     return Stage3Inputs(image, labels, psams, logits)
 
 
@@ -280,7 +286,9 @@ class Replay(nn.Module):
         return self.outputs[(int(x.shape[-2]), int(x.shape[-1]))]
 
 
-def postprocess_fast(s: BenchSettings, x: Stage3Inputs, device: torch.device) -> Callable[[], dict[tuple[int, float], torch.Tensor]]:
+def postprocess_fast(
+    s: BenchSettings, x: Stage3Inputs, device: torch.device
+) -> Callable[[], dict[tuple[int, float], torch.Tensor]]:
     """Everything after the forwards, as the pipeline runs it: :func:`sp_cam.inference.infer_present` + the th sweep."""
     from sp_cam.inference import infer_present, labels_from_present
 
@@ -385,7 +393,9 @@ def superpixel_walk(s: BenchSettings, device: torch.device) -> Callable[[], Any]
     return _no_grad(run)
 
 
-def pixel_inputs(size: tuple[int, int], channels: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_inputs(
+    size: tuple[int, int], channels: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, h, w) scores and a smooth (h, w) boundary map in [0, 1] on the 1/4-resolution grid of an image."""
     h, w = math.ceil(size[0] / PIXEL_STRIDE), math.ceil(size[1] / PIXEL_STRIDE)
     gen = _generator(seed + 2)
@@ -451,13 +461,25 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
         for op in OPS:
             for form in ("fast", "reference"):
                 cases.append(
-                    Case(f"ops/{op}/{form}", "ops", lambda op=op, form=form: ops_closure(op, form, inputs(), s.walk_steps))
+                    Case(
+                        f"ops/{op}/{form}",
+                        "ops",
+                        lambda op=op, form=form: ops_closure(op, form, inputs(), s.walk_steps),
+                        keep=True,
+                    )
                 )
     if "stage3" in s.sections:
         note = f"{len(s.scales) * 2} passes, {s.backbone}"
         for part in ("fcn", "classifier", "backbone"):
             cases.append(
-                Case(f"stage3/forward_{part}", "stage3", lambda part=part: forward_closure(s, device, part), True, False, note=note)
+                Case(
+                    f"stage3/forward_{part}",
+                    "stage3",
+                    lambda part=part: forward_closure(s, device, part),
+                    True,
+                    False,
+                    note=note,
+                )
             )
         cases += [
             Case(
@@ -466,6 +488,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 lambda: postprocess_fast(s, stage3_inputs(s, device), device),
                 True,
                 note=f"present classes only ({s.present}), t in {list(s.t_list)}",
+                keep=True,
             ),
             Case(
                 "stage3/postprocess_all_channels",
@@ -480,12 +503,18 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 lambda: postprocess_reference(s, stage3_inputs(s, device)),
                 True,
                 note="reference form: per pass, K+1 channels, each t from scratch",
+                keep=True,
             ),
         ]
     if "walk" in s.sections:
         h, w = math.ceil(s.image[0] / PIXEL_STRIDE), math.ceil(s.image[1] / PIXEL_STRIDE)
         cases += [
-            Case("walk/superpixel", "walk", lambda: superpixel_walk(s, device), note=f"ASAM + {max(s.t_list)} steps, 8 passes"),
+            Case(
+                "walk/superpixel",
+                "walk",
+                lambda: superpixel_walk(s, device),
+                note=f"ASAM + {max(s.t_list)} steps, 8 passes",
+            ),
             Case(
                 "walk/pixel_dense",
                 "walk",
@@ -494,7 +523,13 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 once=device.type == "cpu",
                 note=f"{h}x{w} = {h * w} nodes, 8 squarings",
             ),
-            Case("walk/pixel_sparse", "walk", lambda: pixel_walk(s, device, "sparse"), True, note="256 stencil mat-vec steps"),
+            Case(
+                "walk/pixel_sparse",
+                "walk",
+                lambda: pixel_walk(s, device, "sparse"),
+                True,
+                note="256 stencil mat-vec steps",
+            ),
         ]
     if "train" in s.sections:
         note = f"batch {s.train_batch} at {s.train_size}x{s.train_size}, {s.backbone}"
@@ -521,18 +556,20 @@ class Timing:
         return out
 
 
-def time_closure(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> list[float]:
+def time_closure(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> tuple[list[float], Any]:
+    """(seconds of each timed run, output of the last run) after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        out = None  # free the previous output before the next run
         _sync(device)
         start = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times, out
 
 
 def _status_kib(key: str) -> int | None:
@@ -638,19 +675,17 @@ def profile_closure(fn: Callable[[], Any], device: torch.device, rows: int = PRO
 # Checks (not timed)
 
 
-def check_ops(s: BenchSettings, device: torch.device) -> dict[str, float]:
-    """Max |fast - reference| per operator on the benchmark's inputs."""
-    x = _ops_inputs(s, device)
+def check_ops(outputs: dict[str, Any]) -> dict[str, float]:
+    """Max |fast - reference| per operator, from the outputs of the timed runs (same inputs)."""
     return {
-        op: float((ops_closure(op, "fast", x, s.walk_steps)() - ops_closure(op, "reference", x, s.walk_steps)()).abs().max())
+        op: float((outputs[f"ops/{op}/fast"] - outputs[f"ops/{op}/reference"]).abs().max())
         for op in OPS
+        if f"ops/{op}/fast" in outputs and f"ops/{op}/reference" in outputs
     }
 
 
-def check_stage3(s: BenchSettings, device: torch.device) -> float:
+def check_stage3(fast: dict[tuple[int, float], torch.Tensor], slow: dict[tuple[int, float], torch.Tensor]) -> float:
     """Smallest fraction of pixels where the fast and the reference labels agree, over every (t, th)."""
-    x = stage3_inputs(s, device)
-    fast, slow = postprocess_fast(s, x, device)(), postprocess_reference(s, x)()
     return min(float((fast[k].cpu() == slow[k].cpu()).float().mean()) for k in slow)
 
 
@@ -736,13 +771,19 @@ def pseudo_throughput(s: BenchSettings) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_root():
+    """Warnings only while the command runs; afterwards drop the handlers it added to the root logger (its log file
+    lives in a temporary folder)."""
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
     root.setLevel(logging.WARNING)
     try:
         yield
     finally:
         root.setLevel(level)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -846,7 +887,7 @@ def _fmt(x: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"## spcam benchmark: {report['device_name']} ({report['device']}, {report['threads']} threads, torch "
+        f"## spcam benchmark: {report['device_name']} ({report['device']}, threads: {report['threads']}, torch "
         f"{report['torch']}){'; QUICK sizes, not the issue-6 figures' if s['quick'] else ''}",
         "",
         "| case | median | IQR | min - max | repeats | peak mem (MiB) | note |",
@@ -910,9 +951,18 @@ def device_name(device: torch.device) -> str:
 
 
 def run_benchmark(s: BenchSettings) -> dict[str, Any]:
+    """Run the selected sections and return the report (every figure, the summary keys, the targets, notes)."""
+    threads = torch.get_num_threads()
+    try:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        return _run_benchmark(s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(s: BenchSettings) -> dict[str, Any]:
     device = torch_device(s.device)
-    if s.threads:
-        torch.set_num_threads(s.threads)
     if any(v % CELL_SIZE for v in s.ops_size):
         raise ValueError(f"--size {s.ops_size[0]} {s.ops_size[1]}: both must be multiples of the cell size {CELL_SIZE}")
     bad = [x for x in s.sections if x not in SECTIONS]
@@ -929,6 +979,7 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
         notes.append("peak memory not measured (--no-memory)")
 
     results: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, Any] = {}
     for case in cases:
         log.info("timing %s", case.name)
         timing = Timing()
@@ -939,7 +990,10 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
             warmup, repeats = (s.heavy_warmup, s.heavy_repeats) if case.heavy else (s.warmup, s.repeats)
             if case.once:
                 warmup, repeats = 0, 1
-            timing.seconds = time_closure(fn, warmup, repeats, device)
+            timing.seconds, out = time_closure(fn, warmup, repeats, device)
+            if case.keep:
+                outputs[case.name] = out
+            del out
             if case.memory and device.type == "cuda":
                 timing.peak_mib = measure_memory_cuda(fn, device)[0]
             del fn
@@ -950,7 +1004,7 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
 
     checks: dict[str, Any] = {}
     if "ops" in s.sections:
-        checks["ops_max_abs_diff"] = check_ops(s, device)
+        checks["ops_max_abs_diff"] = check_ops(outputs)
     report: dict[str, Any] = {
         "device": device.type,
         "device_name": device_name(device),
@@ -960,8 +1014,11 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
         "cases": results,
         "checks": checks,
     }
-    if "stage3" in s.sections:
-        report["stage3_label_agreement"] = check_stage3(s, device)
+    if "stage3/postprocess" in outputs and "stage3/postprocess_reference" in outputs:
+        report["stage3_label_agreement"] = check_stage3(
+            outputs["stage3/postprocess"], outputs["stage3/postprocess_reference"]
+        )
+    outputs.clear()
     if "walk" in s.sections:
         report["pixel_walk_dense_vs_sparse_max_abs_diff"] = check_pixel_walk(s.seed)
     if "pseudo" in s.sections:
@@ -1026,6 +1083,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s = dataclasses.replace(s, quick=True, **QUICK)
         if args.device == "cuda":
             s.train_batch = TRAIN_CUDA[0] // 4
+    if args.threads:
+        s.threads = args.threads
     if args.size:
         s.ops_size = tuple(args.size)
     if args.image:
@@ -1046,7 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(*args.memory_child)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         s = settings_from_args(args)
         report = run_benchmark(s)
