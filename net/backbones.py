@@ -3,15 +3,12 @@
 Every backbone is a :class:`Backbone` (an ``nn.Sequential`` whose children keep the library's module names), so a
 torchvision or timm ImageNet state dict loads into it directly once its classification head keys are dropped.
 
-=====================  ===================================  ============  ========================================
-name                   source                               out_channels  output stride 16 by
-=====================  ===================================  ============  ========================================
-resnet50 / resnet101   torchvision                          2048          layer4 stride 1, dilation 2
-resnest50 / resnest101 timm ``resnest50d`` / ``resnest101e``  2048          timm ``output_stride=16`` (same rule)
-efficientnet_lite0     timm ``tf_efficientnet_lite0``        320           timm ``output_stride=16`` (last stride-2
-                                                                          stage undilated first block, then dil. 2)
-tiny                   this file, random init (tests)        32            four stride-2 convs
-=====================  ===================================  ============  ========================================
+* ``resnet50`` / ``resnet101``: torchvision, 2048 channels, layer4 stride 1 and dilation 2.
+* ``resnest50`` / ``resnest101``: timm ``resnest50d`` / ``resnest101e`` (deep stem, avg-down, as the reference),
+  2048 channels, timm ``output_stride=16`` (the same layer4 rule).
+* ``efficientnet_lite0``: timm ``tf_efficientnet_lite0``, 320 channels, timm ``output_stride=16`` (the last
+  stride-2 stage loses its stride and is dilated).
+* ``tiny``: four stride-2 conv blocks, 32 channels, random init only (unit tests).
 
 In each dilated stage the first block has stride 1 and dilation 1, the following blocks dilation 2, as in the
 reference (``dilated=False, dilation=2``).

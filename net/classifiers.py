@@ -6,8 +6,9 @@ Shape shorthand: B batch, K foreground classes (channel 0 of every score map is 
 Module names follow the reference (spec 10) so released classifier state dicts can be mapped: ``classifier``,
 ``get_qfeats.<i>.{0,1}``, ``get_tran_conv.<i>.0``. The backbone lives under ``backbone`` (reference: ``model``, with a
 duplicate ``stage1..stage5`` key family). To load a reference checkpoint: drop the ``stage*`` keys and rename the
-prefix ``model.`` to ``backbone.`` (ResNeSt-50: the reference's own ResNeSt names must also match timm's
-``resnest50d`` names, which they do for the deep stem, layers and split attention).
+prefix ``model.`` to ``backbone.``. The reference builds ResNeSt with the official ResNeSt module names, which timm's
+``resnest50d`` keeps (``conv1.0``, ``layerN.i.conv2.{conv,bn0,fc1,bn1,fc2}``, ``downsample.{1,2}``); not checked on a
+released file (none was available).
 """
 
 from __future__ import annotations

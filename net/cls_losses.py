@@ -37,7 +37,7 @@ def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scalar: ``multilabel_soft_margin_loss(mean_{h,w} logits[:, 1:], labels)`` (background not in the loss).
     """
     _check(logits, labels)
-    gap = logits.mean(dim=(2, 3))
+    gap = logits.float().mean(dim=(2, 3))  # fp32 under autocast
     return F.multilabel_soft_margin_loss(gap[:, 1:], labels.to(gap.dtype))
 
 

@@ -152,6 +152,7 @@ def infer_present(
     # own slot and un-flipped once at the end, instead of once per pass.
     acc: dict[str, torch.Tensor] = {}
     psam_keep = None
+    passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per scale: PSAM, probabilities, ASAM
     for scale in scales:
         cls_in, fcn_in = inference_inputs(image, float(scale), cell_size)
         if flip:  # one forward for the pair of the same size
@@ -173,17 +174,19 @@ def infer_present(
             continue
         if keep_psam and psam_keep is None and float(scale) == 1.0:
             psam_keep = q[:1].cpu()
-        a = asam(q, cell_size=cell_size, renormalize=renormalize_asam)
-        walked = random_walk_multi(prob, a, ts)
-        g = torch.cat([walked[t] for t in ts], dim=1)  # (P, T * n, h, w): every t in one upsampling call
-        for mode in modes:
-            if mode == "psam":
-                up = psam_upsample(g, q, cell_size=cell_size)
-                if tuple(up.shape[-2:]) != fuse_size:
-                    up = F.interpolate(up, size=fuse_size, mode="bilinear", align_corners=False)
-            else:
-                up = F.interpolate(g, size=fuse_size, mode="bilinear", align_corners=False)
-            _add(acc, mode, up)
+        passes.append((q, prob, asam(q, cell_size=cell_size, renormalize=renormalize_asam)))
+
+    if passes:
+        walked = _walk_passes([p for _, p, _ in passes], [a for _, _, a in passes], ts)
+        for (q, _, _), g in zip(passes, walked, strict=True):  # g: (P, T * n, h, w), every t in one upsampling
+            for mode in modes:
+                if mode == "psam":
+                    up = psam_upsample(g, q, cell_size=cell_size)
+                    if tuple(up.shape[-2:]) != fuse_size:
+                        up = F.interpolate(up, size=fuse_size, mode="bilinear", align_corners=False)
+                else:
+                    up = F.interpolate(g, size=fuse_size, mode="bilinear", align_corners=False)
+                _add(acc, mode, up)
 
     scores = {}
     for mode, buf in acc.items():
@@ -195,6 +198,32 @@ def infer_present(
         for i, t in enumerate(ts):
             scores[(mode, t)] = cam[i]
     return FusedScores(classes.cpu(), scores, size, psam_keep)
+
+
+def _walk_passes(probs: list[torch.Tensor], asams: list[torch.Tensor], ts: list[int]) -> list[torch.Tensor]:
+    """Random walks of all passes in one batch (the walk is latency-bound: 25 small ops per step).
+
+    Every grid is zero-padded (bottom/right) to the largest one. This is exact: a padded cell has zero affinities, so
+    it stays 0, which is the value the walk reads outside a grid anyway.
+
+    Args:
+        probs: per scale (P, n, h_s, w_s) grid scores; asams: per scale (P, 25, h_s, w_s).
+    Returns:
+        per scale (P, T * n, h_s, w_s): the walked scores for every t of ``ts``, t-major.
+    """
+    hm = max(p.shape[-2] for p in probs)
+    wm = max(p.shape[-1] for p in probs)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, wm - x.shape[-1], 0, hm - x.shape[-2]))
+
+    walked = random_walk_multi(torch.cat([pad(p) for p in probs]), torch.cat([pad(a) for a in asams]), ts)
+    out, start = [], 0
+    for p in probs:
+        b, _, h, w = p.shape
+        out.append(torch.cat([walked[t][start : start + b, :, :h, :w] for t in ts], dim=1))
+        start += b
+    return out
 
 
 def _add(acc: dict[str, torch.Tensor], mode: str, up: torch.Tensor) -> None:

@@ -24,7 +24,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,11 +117,15 @@ def affinity_from_step(fcfg: FCNConfig, total_steps: int) -> int:
     return math.floor(fcfg.affinity_warmup * total_steps) + 1
 
 
-def make_cam_loader(cam_dir: Path, num_classes: int) -> Callable[[str, tuple[int, int]], np.ndarray]:
-    def load(image_id: str, size: tuple[int, int]) -> np.ndarray:
-        return load_cam(cam_dir / f"{image_id}.npz", num_classes, expect_size=size)
+@dataclass(frozen=True)
+class CamLoader:
+    """``(id, (H, W)) -> (K, H, W)`` float32 CAMs from ``cam_dir/<id>.npz`` (picklable, for DataLoader workers)."""
 
-    return load
+    cam_dir: Path
+    num_classes: int
+
+    def __call__(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
+        return load_cam(self.cam_dir / f"{image_id}.npz", self.num_classes, expect_size=size)
 
 
 def check_cams(cam_dir: Path, ids: list[str], layout: Any) -> None:
@@ -368,7 +371,7 @@ def run(cfg: Config) -> Path:
         log.info("stage 1: affinity terms from step %d of %d, CAMs from %s", affinity_from + 1, total_steps, paths.cams)
     else:
         log.info("stage 1: affinity terms never switched on (fcn.affinity_warmup=%g)", fcfg.affinity_warmup)
-    cam_loader = make_cam_loader(paths.cams, num_classes)
+    cam_loader = CamLoader(paths.cams, num_classes)
 
     seed_everything(derive_seed(cfg.run.seed))
     model = build_model(fcfg).to(device)

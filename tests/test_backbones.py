@@ -153,6 +153,13 @@ def test_lite0_input_renormalisation():
     a = backbone.input_norm(_image(img, 32, IMAGENET_MEAN, IMAGENET_STD))
     assert torch.allclose(a, _image(img, 32, LITE0_MEAN, LITE0_STD), atol=1e-5)
     assert not any(k.startswith("input_norm") for k in backbone.state_dict())
+    # timm's BN+activation layers have frozen statistics too
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    y_train = backbone.train()(x)
+    y_eval = backbone.eval()(x)
+    assert torch.allclose(y_train, y_eval, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 
 def test_lite0_mapping_rejects_foreign_keys():

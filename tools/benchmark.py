@@ -209,6 +209,7 @@ class Case:
     once: bool = False  # too slow to repeat on CPU: timed once, in the memory child
     note: str = ""
     keep: bool = False  # keep the output of the last timed run for the checks
+    group: str = ""  # cases of one group are timed interleaved, round by round (load drift hits them alike)
 
 
 def _ops_inputs(s: BenchSettings, device: torch.device) -> dict[str, torch.Tensor]:
@@ -341,14 +342,20 @@ def postprocess_reference(s: BenchSettings, x: Stage3Inputs) -> Callable[[], dic
     return run
 
 
+_MODELS: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}  # stage-3 models shared by the forward cases
+
+
 def _stage3_models(s: BenchSettings, device: torch.device) -> tuple[nn.Module, nn.Module]:
     from net.spixel_fcn import build_spixel_fcn
     from sp_cam.train_cls import build_model
 
-    torch.manual_seed(s.seed)
-    fcn = build_spixel_fcn("").to(device).eval()
-    model = build_model(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="").to(device).eval()
-    return fcn, model
+    key = (s.backbone, str(device))
+    if key not in _MODELS:
+        torch.manual_seed(s.seed)
+        fcn = build_spixel_fcn("").to(device).eval()
+        model = build_model(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
+        _MODELS[key] = (fcn, model.to(device).eval())
+    return _MODELS[key]
 
 
 def _forward_inputs(s: BenchSettings, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -466,6 +473,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                         "ops",
                         lambda op=op, form=form: ops_closure(op, form, inputs(), s.walk_steps),
                         keep=True,
+                        group=f"ops/{op}",
                     )
                 )
     if "stage3" in s.sections:
@@ -479,6 +487,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                     True,
                     False,
                     note=note,
+                    group="stage3",
                 )
             )
         cases += [
@@ -489,6 +498,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 True,
                 note=f"present classes only ({s.present}), t in {list(s.t_list)}",
                 keep=True,
+                group="stage3",
             ),
             Case(
                 "stage3/postprocess_all_channels",
@@ -496,6 +506,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 lambda: postprocess_fast(s, stage3_inputs(s, device, all_present=True), device),
                 True,
                 note=f"all {s.num_classes} classes tagged",
+                group="stage3",
             ),
             Case(
                 "stage3/postprocess_reference",
@@ -504,6 +515,7 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 True,
                 note="reference form: per pass, K+1 channels, each t from scratch",
                 keep=True,
+                group="stage3",
             ),
         ]
     if "walk" in s.sections:
@@ -513,7 +525,8 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 "walk/superpixel",
                 "walk",
                 lambda: superpixel_walk(s, device),
-                note=f"ASAM + {max(s.t_list)} steps, 8 passes",
+                note=f"ASAM + {max(s.t_list)} steps, {2 * len(s.scales)} passes",
+                group="walk",
             ),
             Case(
                 "walk/pixel_dense",
@@ -527,14 +540,16 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 "walk/pixel_sparse",
                 "walk",
                 lambda: pixel_walk(s, device, "sparse"),
-                True,
                 note="256 stencil mat-vec steps",
+                group="walk",
             ),
         ]
     if "train" in s.sections:
         note = f"batch {s.train_batch} at {s.train_size}x{s.train_size}, {s.backbone}"
         for kind in ("cam", "spcam"):
-            cases.append(Case(f"train/{kind}", "train", lambda kind=kind: train_step(s, device, kind), note=note))
+            cases.append(
+                Case(f"train/{kind}", "train", lambda kind=kind: train_step(s, device, kind), note=note, group="train")
+            )
     return cases
 
 
@@ -556,20 +571,29 @@ class Timing:
         return out
 
 
-def time_closure(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> tuple[list[float], Any]:
-    """(seconds of each timed run, output of the last run) after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
+def time_closures(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Warm up every closure, then time them interleaved for ``repeats`` rounds (one run of each per round).
+
+    Returns:
+        ({name: seconds of each timed run}, {name: output of its last run}).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times, out = [], None
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    last: dict[str, Any] = {}
     for _ in range(max(1, repeats)):
-        out = None  # free the previous output before the next run
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times, out
+        for name, fn in fns.items():
+            last[name] = None  # free the previous output before the next run
+            _sync(device)
+            start = time.perf_counter()
+            last[name] = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times, last
 
 
 def _status_kib(key: str) -> int | None:
@@ -978,29 +1002,34 @@ def _run_benchmark(s: BenchSettings) -> dict[str, Any]:
     elif not s.memory:
         notes.append("peak memory not measured (--no-memory)")
 
-    results: dict[str, dict[str, Any]] = {}
+    timings = {c.name: Timing() for c in cases}
     outputs: dict[str, Any] = {}
+    groups: dict[str, list[Case]] = {}
     for case in cases:
-        log.info("timing %s", case.name)
-        timing = Timing()
         if case.once and case.name in child:
-            timing.seconds = [child[case.name]["seconds"]]
+            timings[case.name].seconds = [child[case.name]["seconds"]]
         else:
-            fn = case.build()
-            warmup, repeats = (s.heavy_warmup, s.heavy_repeats) if case.heavy else (s.warmup, s.repeats)
-            if case.once:
-                warmup, repeats = 0, 1
-            timing.seconds, out = time_closure(fn, warmup, repeats, device)
-            if case.keep:
-                outputs[case.name] = out
-            del out
-            if case.memory and device.type == "cuda":
-                timing.peak_mib = measure_memory_cuda(fn, device)[0]
-            del fn
-            gc.collect()
+            groups.setdefault(case.group or case.name, []).append(case)
+    for _group, members in groups.items():
+        log.info("timing %s", ", ".join(c.name for c in members))
+        fns = {c.name: c.build() for c in members}
+        heavy, once = any(c.heavy for c in members), any(c.once for c in members)
+        warmup, repeats = (0, 1) if once else (s.heavy_warmup, s.heavy_repeats) if heavy else (s.warmup, s.repeats)
+        times, last = time_closures(fns, warmup, repeats, device)
+        for c in members:
+            timings[c.name].seconds = times[c.name]
+            if c.keep:
+                outputs[c.name] = last[c.name]
+            if c.memory and device.type == "cuda":
+                timings[c.name].peak_mib = measure_memory_cuda(fns[c.name], device)[0]
+        del fns, last
+        gc.collect()
+    _MODELS.clear()
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
         if case.name in child and case.memory:
-            timing.peak_mib = child[case.name]["peak_mib"]
-        results[case.name] = {**timing.stats(), "section": case.section, "note": case.note}
+            timings[case.name].peak_mib = child[case.name]["peak_mib"]
+        results[case.name] = {**timings[case.name].stats(), "section": case.section, "note": case.note}
 
     checks: dict[str, Any] = {}
     if "ops" in s.sections:
@@ -1044,10 +1073,11 @@ def _run_benchmark(s: BenchSettings) -> dict[str, Any]:
             f"the dense pixel walk is cubic in the node count), the {s.backbone} backbone, training at "
             f"{s.train_size}x{s.train_size}; ratios are not comparable with the issue's targets"
         )
-    notes.append(
-        "walk: both walks carry all K+1 = "
-        f"{s.channels} channels; the pixel walk excludes its affinity network, the superpixel walk its FCN"
-    )
+    if "walk" in s.sections:
+        notes.append(
+            f"walk: both walks carry all K+1 = {s.channels} channels; the pixel walk excludes its affinity network, "
+            "the superpixel walk its FCN"
+        )
     report["notes"] = notes
     return report
 
