@@ -84,9 +84,9 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
     rows: list[Row] = []
     conf, n = sums["conf_cam"]
     if conf is None:
-        rows.append(
-            _row("a", "baseline CAM", "bilinear", None, None, None, 0, "no baseline CAM model (stage A skipped)")
-        )
+        has_cam = RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).cam).is_file()
+        reason = no_extras if has_cam else "no baseline CAM model (stage A skipped)"
+        rows.append(_row("a", "baseline CAM", "bilinear", None, None, None, 0, reason))
     else:
         th, res = _best_th(conf, ths)
         rows.append(_row("a", "baseline CAM", "bilinear", None, th, res, n, note_for("conf_cam", "")))

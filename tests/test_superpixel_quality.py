@@ -76,7 +76,9 @@ def test_tool_on_toy_set(tmp_path):
     root = make_toy_dataset(tmp_path / "toy", num_train=1, num_val=2, image_size=48)
     out = tmp_path / "q.json"
     assert (
-        superpixel_quality.main(["--data-root", str(root), "--split", "val", "--json", str(out), "--device", "cpu"])
+        superpixel_quality.main(
+            ["--data-root", str(root), "--split", "val", "--json", str(out), "--device", "cpu", "--threads", "1"]
+        )
         == 0
     )
     result = json.loads(out.read_text())

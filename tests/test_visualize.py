@@ -7,7 +7,7 @@ from PIL import Image
 
 from data.classes import label_colormap
 from data.voc_layout import open_dataset
-from sp_cam import make_pseudo
+from sp_cam import ablation, make_pseudo
 from sp_cam.config import save_config
 from sp_cam.paths import RunPaths
 from tests.test_make_pseudo import new_run
@@ -15,7 +15,7 @@ from tools import visualize
 
 
 def test_figure_layout_and_panels(tmp_path, capsys):
-    cfg = new_run(tmp_path / "work", "toy.num_val=2")
+    cfg = new_run(tmp_path / "work", "toy.num_val=2", "pseudo.ablation=false")
     make_pseudo.run(cfg)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     save_config(cfg, paths.config)
@@ -46,6 +46,11 @@ def test_figure_layout_and_panels(tmp_path, capsys):
     # the train id: no SP-CAM scores, no pseudo label -> grey panels
     assert (panel(2, 3) == visualize.MISSING_GREY).mean() > 0.9
     assert (panel(2, 4) == visualize.MISSING_GREY).mean() > 0.9
+
+    # this run was made with pseudo.ablation=false: the ablation reports the rows it cannot fill as null, with a note
+    rows = {r["key"]: r for r in ablation.run(cfg)["ablation"]}
+    assert rows["b"]["miou"] is not None and rows["c"]["miou"] is not None
+    assert all(rows[k]["miou"] is None and "pseudo.ablation=true" in rows[k]["note"] for k in "adef")
 
 
 def test_boundaries():

@@ -91,7 +91,8 @@ TRAIN_LR = 1e-5  # the benchmark's steps run on random data: a small lr keeps th
 PSAM_SHARPNESS = 2.0  # random PSAMs/scores: softmax of 2 * N(0, 1), roughly as peaked as a trained FCN's
 CHILD_MMAP_THRESHOLD = 65536  # bytes: the memory child mmaps allocations above this, so frees return to the OS
 CHILD_MARKER = "SPCAM_BENCHMARK_CHILD "
-PROFILE_ROWS = 8
+PROFILE_ROWS = 10
+PROFILE_SHAPES_CHARS = 90
 
 TARGETS = {  # issue 6, on CPU
     "ops_speedup": (">=", 3.0),
@@ -454,6 +455,51 @@ def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[]
     return run
 
 
+def train_breakdown(s: BenchSettings, device: torch.device) -> dict[str, float]:
+    """Median seconds of the parts that SP-CAM adds to a CAM training step, each timed alone on the step's shapes:
+    the frozen FCN's forward, the PSAM encoder E forward+backward, the kernel head T forward+backward (and its first
+    conv alone), and the redistribution + PSAM pooling of the saliency forward+backward."""
+    from net.spixel_fcn import build_spixel_fcn
+    from sp_cam.train_cls import build_model
+
+    torch.manual_seed(s.seed)
+    model = build_model(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="").to(device).train()
+    if not (hasattr(model, "get_qfeats") and hasattr(model, "get_tran_conv")):
+        return {}
+    fcn = build_spixel_fcn("").to(device).eval().requires_grad_(False)
+    B, S = s.train_batch, s.train_size
+    h = S // CELL_SIZE
+    gen = _generator(s.seed + 4)
+    image = torch.randn(B, 3, S, S, generator=gen).to(device)
+    x5 = torch.randn(B, model.backbone.out_channels, h, h, generator=gen).to(device)
+    z = torch.randn(B, s.num_classes + 1, h, h, generator=gen).to(device).requires_grad_(True)
+    sal = torch.rand(B, 1, S, S, generator=gen).to(device)
+    with torch.no_grad():
+        q = fcn(image).float()
+    qf = model.get_qfeats(q).detach().requires_grad_(True)
+    first = model.get_tran_conv[0]
+    head_in = torch.cat([x5, qf.detach()], dim=1).requires_grad_(True)
+
+    def backward(out: torch.Tensor) -> None:
+        out.float().square().mean().backward()
+
+    def redistribute() -> None:
+        w = torch.softmax(torch.randn(B, 9, h, h, generator=gen).to(device), dim=1)
+        out = ops.drm_redistribute(z, w)
+        backward(out + ops.psam_pool(sal, q, CELL_SIZE).mean())
+
+    parts: dict[str, Callable[[], Any]] = {
+        "fcn_forward_no_grad": _no_grad(lambda: fcn(image)),
+        "drm_encoder_fwd_bwd": lambda: backward(model.get_qfeats(q)),
+        "drm_head_fwd_bwd": lambda: backward(model.get_tran_conv(torch.cat([x5, qf], dim=1))),
+        "drm_head_first_conv_fwd_bwd": lambda: backward(first(head_in)),
+        "redistribution_and_pooling_fwd_bwd": redistribute,
+    }
+    times, _ = time_closures(parts, s.warmup, s.repeats, device)
+    model.zero_grad(set_to_none=True)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
     """Every timed case of the selected sections, in run order."""
     cases: list[Case] = []
@@ -682,15 +728,21 @@ def profile_closure(fn: Callable[[], Any], device: torch.device, rows: int = PRO
 
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
         _sync(device)
-    events = prof.key_averages()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if "#" not in e.key]  # drop user ranges
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr, 0) for e in events) or 1
     top = sorted(events, key=lambda e: getattr(e, attr, 0), reverse=True)[:rows]
     return [
-        {"op": e.key, "self_ms": getattr(e, attr, 0) / 1000.0, "share": getattr(e, attr, 0) / total, "calls": e.count}
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:PROFILE_SHAPES_CHARS],
+            "self_ms": getattr(e, attr, 0) / 1000.0,
+            "share": getattr(e, attr, 0) / total,
+            "calls": e.count,
+        }
         for e in top
     ]
 
@@ -914,6 +966,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"## spcam benchmark: {report['device_name']} ({report['device']}, threads: {report['threads']}, torch "
         f"{report['torch']}){'; QUICK sizes, not the issue-6 figures' if s['quick'] else ''}",
         "",
+        f"Command: `{report.get('command', 'python tools/benchmark.py')}`",
+        "",
         "| case | median | IQR | min - max | repeats | peak mem (MiB) | note |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -956,9 +1010,15 @@ def markdown(report: dict[str, Any]) -> str:
             met += " (not at the issue's sizes/device)"
         lines.append(f"| {t['key']} | {_fmt(t['value'])} | {t['target']} | {met} |")
     for t in report["targets"]:
+        if t.get("breakdown_s"):
+            lines += ["", f"Parts of the steps behind {t['key']} (median, each timed alone):", ""]
+            lines += [f"    {_fmt_time(v):>10}  {k}" for k, v in t["breakdown_s"].items() if v is not None]
         for case, rows in t.get("profile", {}).items():
             lines += ["", f"Profile of {case} (limits {t['key']}; top ops by self time):", ""]
-            lines += [f"    {r['self_ms']:9.2f} ms {100 * r['share']:5.1f}%  x{r['calls']:<5d} {r['op']}" for r in rows]
+            lines += [
+                f"    {r['self_ms']:9.2f} ms {100 * r['share']:5.1f}%  x{r['calls']:<4d} {r['op']} {r.get('shapes', '')}"
+                for r in rows
+            ]
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines)
@@ -1066,6 +1126,13 @@ def _run_benchmark(s: BenchSettings) -> dict[str, Any]:
                     if name in by_name:
                         log.info("profiling %s", name)
                         t["profile"][name] = profile_closure(by_name[name].build(), device)
+                if t["key"] == "spcam_step_ratio":
+                    log.info("timing the parts of the SP-CAM step")
+                    t["breakdown_s"] = {
+                        "cam_step": _median(results, "train/cam"),
+                        "spcam_step": _median(results, "train/spcam"),
+                        **train_breakdown(s, device),
+                    }
     report["targets"] = targets
     if s.quick:
         notes.append(
@@ -1144,6 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    report["command"] = " ".join(["python tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     print(markdown(report))
     if args.json:
         atomic_write_json(Path(args.json), report)

@@ -33,7 +33,7 @@ from net.spixel_fcn import SpixelNet, build_spixel_fcn  # noqa: E402
 from sp_cam import superpixel_metrics as M  # noqa: E402
 from sp_cam.io import atomic_write_json  # noqa: E402
 from sp_cam.psam import hard_assignment, pad_to_multiple  # noqa: E402
-from sp_cam.runtime import resolve_device, setup_logging  # noqa: E402
+from sp_cam.runtime import configure_threads, resolve_device, setup_logging  # noqa: E402
 
 log = logging.getLogger("superpixel_quality")
 
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compactness", type=float, default=SLIC_COMPACTNESS, help="SLIC compactness")
     parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed when no weights are given")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"dataset folder not found: {root}")
         if args.cell_size < 1:
             raise ValueError(f"--cell-size must be >= 1, got {args.cell_size}")
+        configure_threads(args.threads)
         layout = VOCLayout(root)
         device = resolve_device(args.device)
         if args.weights:
