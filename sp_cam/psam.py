@@ -134,10 +134,17 @@ def psam_pool(f: torch.Tensor, q: torch.Tensor, cell_size: int = 16, eps: float 
     h, w = _check_psam_shape(q, cell_size)
     _check_grid(f, q, q.shape[-2], q.shape[-1], "pixel map f")
     dtype = torch.promote_types(f.dtype, q.dtype)
-    qc = _cells(q.to(dtype), cell_size)
-    # per cell: (C x S*S) @ (S*S x 9), then each candidate k is sent to cell c + o_k (3x3 fold = adjoint of unfold)
-    num = _scatter3(torch.einsum("bcyixj,bkyixj->bckyx", _cells(f.to(dtype), cell_size), qc))
-    den = _scatter3(qc.sum(dim=(3, 5)).unsqueeze(1))  # (B, 1, h, w)
+    B, C, H, _ = f.shape
+    S = cell_size
+    q = q.to(dtype)
+    # per pixel row and cell: (C x S) @ (S x 9), summed over the S rows of the cell (faster on CPU than one
+    # (C x S*S) @ (S*S x 9) product per cell); then each candidate k is sent to cell c + o_k (3x3 fold)
+    rows = torch.matmul(
+        f.to(dtype).reshape(B, C, H, w, S).permute(0, 2, 3, 1, 4),
+        q.reshape(B, NUM_CANDIDATES, H, w, S).permute(0, 2, 3, 4, 1),
+    )  # (B, H, w, C, 9)
+    num = _scatter3(rows.reshape(B, h, S, w, C, NUM_CANDIDATES).sum(2).permute(0, 3, 4, 1, 2))
+    den = _scatter3(_cells(q, S).sum(dim=(3, 5)).unsqueeze(1))  # (B, 1, h, w)
     return num / (den + eps * cell_size * cell_size)
 
 
