@@ -174,8 +174,9 @@ def dense_transition(aff: torch.Tensor, beta: float, radius: int = 5) -> torch.T
 def dense_walk(x: torch.Tensor, trans: torch.Tensor, log_t: int = 8) -> torch.Tensor:
     """The published walk: ``T^(2^log_t)`` by ``log_t`` squarings of the dense matrix, then one product.
 
-    Memory is three ``N x N`` float matrices at the peak (``T``, ``T @ T`` and the allocator's overlap), e.g. 1.5 GiB
-    for the 11,750 nodes of a 375 x 500 image at 1/4 resolution; time is ``log_t * 2 N^3`` flops.
+    Memory is three ``N x N`` float matrices at the peak (the caller's ``T``, the current power and its square), e.g.
+    1.6 GiB for the 11,750 nodes of a 375 x 500 image at 1/4 resolution; time is ``log_t * 2 N^3`` flops (about 5 min
+    on one CPU core).
 
     Args:
         x: (C, h, w) scores on the grid.

@@ -23,14 +23,18 @@ Sections (``--sections``, all by default):
             randomly initialised models saved in the trainer's checkpoint format (includes model loading).
 
 Timing: warm-up runs, then repeats; the median, the inter-quartile range and min/max are reported;
-``torch.cuda.synchronize()`` brackets every run on CUDA. Peak memory: on CPU each case runs once in a fresh child process
-(allocations above 64 KiB ``mmap``-ed so freed memory leaves the process) and the peak RSS above the RSS after the case's
-set-up is read from ``/proc/self/status`` (``VmHWM``, reset through ``/proc/self/clear_refs``); on CUDA
+``torch.cuda.synchronize()`` brackets every run on CUDA. The cases compared with each other (fast vs reference, CAM vs
+SP-CAM, forwards vs post-processing) are timed interleaved, round by round, so that load drift hits them alike.
+Peak memory: on CPU every case runs once more, one after the other, in a fresh child process whose allocations above
+64 KiB are ``mmap``-ed (so freed memory leaves the process and each case starts from a clean RSS); the peak RSS above
+the RSS after the case's set-up is read from ``/proc/self/status`` (``VmHWM``, reset through ``/proc/self/clear_refs``;
+``ru_maxrss`` where that is unavailable); on CUDA
 ``torch.cuda.max_memory_allocated`` above the allocation after set-up. The dense pixel walk takes minutes on a CPU: it is
 timed once, in that child.
 
-``--quick`` (the test) shrinks everything (256 x 256 operators, a 96 x 128 image, the ``tiny`` backbone, 2 toy images)
-so that it finishes in well under a minute on 2 cores; its ratios are not the issue's figures.
+``--quick`` (the test) shrinks everything (128 x 128 operators, a 64 x 96 image, the ``tiny`` backbone, 64 x 64 training
+crops, one toy image, one thread, 1-2 repeats) so that it finishes in about 15-30 s on 2 cores; its ratios are not the
+issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB).
 ``--json OUT`` writes every figure, the summary keys ``ops_speedup``, ``ops_max_abs_diff``, ``postprocess_fraction``,
 ``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``device`` and the targets of issue 6 with, for a missed one, the top
 operators of a ``torch.profiler`` run of the case that limits it.

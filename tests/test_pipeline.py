@@ -1,0 +1,153 @@
+"""The whole pipeline through scripts/train_all.sh on a tiny toy dataset: outputs, metrics, re-runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sp_cam.io import read_label_png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "run.device=cpu",
+    "run.num_threads=1",
+    "toy.num_train=6",
+    "toy.num_val=3",
+    "toy.image_size=64",
+    "data.crop_size=64",
+    "data.resize_long_min=48",
+    "data.resize_long_max=80",
+    "data.num_workers=0",
+    "cam.backbone=tiny",
+    "cam.pretrained=",
+    "cam.freeze_backbone=false",
+    "cam.epochs=1",
+    "cam.batch_size=2",
+    "spcam.backbone=tiny",
+    "spcam.pretrained=",
+    "spcam.freeze_backbone=false",
+    "spcam.epochs=1",
+    "spcam.batch_size=2",
+    "spcam.drm_encoder_widths=[4,4,4,4,4]",
+    "spcam.drm_head_widths=[8]",
+    "fcn.epochs=2",
+    "fcn.batch_size=2",
+    "export.scales=[1.0]",
+    "pseudo.scales=[1.0,0.5]",
+    "pseudo.t_list=[0,2]",
+]
+
+
+def train_all(work: Path, *extra: str, script: str = "train_all.sh") -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = ["bash", str(ROOT / "scripts" / script), "--work-dir", str(work), *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("pipeline") / "work"
+    out = finish(train_all(work))
+    assert "| " in out  # the ablation table is printed
+    return work
+
+
+def test_outputs_and_metrics(full_run: Path):
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    for key in ("miou", "cam_miou", "t", "th", "select", "split", "num_images"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["miou"] <= 100.0 and 0.0 <= metrics["cam_miou"] <= 100.0
+    assert metrics["t"] in (0, 2) and metrics["select"] == "gt" and metrics["split"] == "train"
+    ids = (full_run / "toy_data" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert metrics["num_images"] == len(ids) == 6
+    for i in ids:
+        label = read_label_png(full_run / "pseudo_labels" / f"{i}.png")
+        assert label.shape == (64, 64) and label.max() <= 5
+    assert (full_run / "ablation.md").read_text().count("\n") >= 5
+    for stage in ("cam", "cams", "fcn", "spcam", "pseudo"):
+        assert (full_run / stage / "DONE").is_file(), stage
+    assert (full_run / "config.yaml").is_file()
+
+
+def test_rerun_skips_finished_work(full_run: Path):
+    before = {p: p.stat().st_mtime_ns for p in (full_run / "pseudo_labels").iterdir()}
+    model_mtime = (full_run / "spcam" / "model.pt").stat().st_mtime_ns
+    metrics = (full_run / "metrics.json").read_text()
+    start = time.time()
+    finish(train_all(full_run))
+    assert (full_run / "spcam" / "model.pt").stat().st_mtime_ns == model_mtime
+    assert {p: p.stat().st_mtime_ns for p in (full_run / "pseudo_labels").iterdir()} == before
+    assert json.loads((full_run / "metrics.json").read_text()) == json.loads(metrics)
+    assert time.time() - start < 120
+
+
+def test_killed_run_resumes_to_the_same_metrics(full_run: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    proc = train_all(work)
+    deadline = time.time() + 240
+    while not (work / "fcn" / "last.pt").is_file():  # killed inside stage 1, after its first epoch
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()  # the script exec()s the pipeline, so this is the python process itself
+    proc.communicate()
+    assert not (work / "fcn" / "DONE").exists()
+    finish(train_all(work))
+    resumed = json.loads((work / "metrics.json").read_text())
+    reference = json.loads((full_run / "metrics.json").read_text())
+    assert resumed["miou"] == pytest.approx(reference["miou"], abs=1e-6)
+    assert resumed["cam_miou"] == pytest.approx(reference["cam_miou"], abs=1e-6)
+    a = read_label_png(work / "pseudo_labels" / "train_00000.png")
+    b = read_label_png(full_run / "pseudo_labels" / "train_00000.png")
+    assert np.array_equal(a, b)
+
+
+def test_train_sp_cam_with_given_fcn_weights(full_run: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    finish(train_all(work, "--fcn-weights", str(full_run / "fcn" / "model.pt"), script="train_sp_cam.sh"))
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["cam_miou"] is None and 0.0 <= metrics["miou"] <= 100.0
+    assert not (work / "cam").exists() and not (work / "fcn").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data-root", "/nonexistent/folder"], "--data-root"),
+        (["--nproc", "zero"], "--nproc"),
+        (["--config", "/nonexistent.yaml"], "--config"),
+        (["cam.epochz=1"], "cam.epochz"),
+        (["--bogus"], "unknown argument"),
+    ],
+)
+def test_bad_arguments_fail_with_one_clear_line(tmp_path: Path, args: list[str], message: str):
+    cmd = ["bash", str(ROOT / "scripts" / "train_all.sh"), "--work-dir", str(tmp_path / "w"), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]
+
+
+def test_data_root_without_images_is_refused(tmp_path: Path):
+    root = tmp_path / "data"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (root / "cls_labels.json").write_text('{"a": [1], "b": [2]}')
+    cmd = [sys.executable, "-m", "sp_cam.pipeline", "-c", "scripts/configs/toy.yaml", f"run.work_dir={tmp_path / 'w'}"]
+    cmd += ["data.dataset=folder", f"data.root={root}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "JPEGImages" in result.stderr or "image" in result.stderr.lower()
