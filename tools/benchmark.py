@@ -47,6 +47,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import sp_cam  # noqa: E402, F401, I001  (first: sets OMP_WAIT_POLICY before torch loads, as every entry point does)
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402

@@ -8,7 +8,8 @@
 * ``SegmentationClass/<id>.png``: palette PNG, 0 = background, 1..80 in ``data.classes.COCO_CLASSES`` order (the
   category ids are mapped through ``COCO_CATEGORY_IDS``). Overlaps: crowd regions are drawn first, then the instances
   by decreasing area, so a smaller object lying on a larger one stays visible (later = on top);
-* ``ImageSets/Segmentation/<split>.txt``: the images with at least one annotation, sorted;
+* ``ImageSets/Segmentation/<split>.txt``: the images with at least one annotation, sorted; ``<split>_1000.txt``: a
+  seeded random subset of 1,000 of them, for per-epoch model selection (``coco14.yaml`` uses ``train_1000``);
 * ``cls_labels.json``: {id: [classes of all annotations, crowd included]}, merged with an existing file;
 * ``labels.txt``: background + the 80 COCO names.
 
@@ -37,6 +38,8 @@ from sp_cam.io import atomic_write_json, atomic_write_text, write_label_png  # n
 
 log = logging.getLogger(__name__)
 LIST_DIR = Path("ImageSets") / "Segmentation"
+SUBSET_SIZE = 1000
+SUBSET_SEED = 0
 CATEGORY_TO_CLASS = {cid: i + 1 for i, cid in enumerate(COCO_CATEGORY_IDS)}
 _SHIFT = 4  # OpenCV polygon vertices with 1/16-pixel precision
 
@@ -154,6 +157,9 @@ def prepare_split(coco: Path, split: str, cls_labels: dict[str, list[int]]) -> t
         written += 1
     ids.sort()
     atomic_write_text(coco / LIST_DIR / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    if len(ids) > SUBSET_SIZE:  # ref: model selection on a 1,000-image subset (train_1000, val_1000)
+        subset = sorted(np.random.default_rng(SUBSET_SEED).choice(ids, SUBSET_SIZE, replace=False).tolist())
+        atomic_write_text(coco / LIST_DIR / f"{split}_{SUBSET_SIZE}.txt", "".join(f"{i}\n" for i in subset))
     return len(ids), written
 
 
