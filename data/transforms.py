@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
 FLIP_PROB = 0.5  # ref: RandomHorizontalFlip p = 0.5
 _CV_MAX_CHANNELS = 128  # cv2.resize fails on arrays with many channels (200 fails with OpenCV 5), so maps go in chunks
 

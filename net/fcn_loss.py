@@ -25,11 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from sp_cam.psam import NUM_OFFSETS, asam, psam_pool, psam_upsample
 
 LOG_EPS = 1e-8  # ref (SpixelFCN compute_semantic_pos_loss): log(R + 1e-8)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the images reach the loss ImageNet-normalised (spec 9)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LAB_UNIT = 100.0  # labels-only colour features: CIELAB divided by 100 (L in [0, 1], a and b roughly in [-1, 1])
 PADDING_CELL_MIN_VALID = 0.5  # a cell with less than half real pixels is ignored by the affinity terms
 MODES = ("saliency", "labels_only")

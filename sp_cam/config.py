@@ -81,6 +81,7 @@ class FCNConfig:
     press_weight: float = 1.0  # ref: L = L_p + 1 * L_press + 2 * L_diff
     diff_weight: float = 2.0
     affinity_warmup: float = 0.7  # ref: affinity terms only after 70 % of the iterations
+    select: str = "gt"  # gt: best stage-1 validation metric (ref, 5.3) | last: the last epoch
     val_grid: int = 12  # ref (intended, 5.3): GT downsampled to 12x12 before reconstruction
     val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
     val_max_images: int = 0  # 0 = the whole eval split

@@ -93,6 +93,8 @@ def check_fcn_config(cfg: Config) -> None:
             raise ConfigError(f"fcn.{key}={getattr(f, key)}: expected >= 1")
     if not 0.0 <= f.affinity_warmup <= 1.0:
         raise ConfigError(f"fcn.affinity_warmup={f.affinity_warmup}: expected a fraction in [0, 1]")
+    if f.select not in ("gt", "last"):
+        raise ConfigError(f"fcn.select={f.select!r}: expected gt or last")
     if f.val_walk_steps < 0:
         raise ConfigError(f"fcn.val_walk_steps={f.val_walk_steps}: expected >= 0")
 
@@ -450,7 +452,7 @@ def run(cfg: Config) -> Path:
 
 
 def _write_final(state: TrainState, sdir: Path, cfg: Config, mode: str, num_classes: int, has_gt: bool) -> None:
-    if has_gt:
+    if has_gt and cfg.fcn.select == "gt":
         best = load_checkpoint(sdir / BEST_CHECKPOINT)
         weights = best["model"]
         metric = {"name": "gt_reconstruction_miou", "epoch": int(best["epoch"]), "miou": float(best["miou"])}

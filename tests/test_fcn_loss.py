@@ -15,15 +15,6 @@ from sp_cam.psam import asam, psam_pool
 S = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and a busy machine stalls them; restore the count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def own_cell_psam(b: int, h: int, w: int, cell: int = S, own: float = 1.0) -> torch.Tensor:
     """Every pixel associated with its own cell with weight ``own``, the rest spread evenly."""
     q = torch.full((b, 9, h * cell, w * cell), (1 - own) / 8, dtype=torch.float64)

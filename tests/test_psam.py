@@ -24,15 +24,6 @@ S = 4  # small cell size keeps the loops fast; the operators take any cell size
 EPS = 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and a busy machine stalls them; restore the count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_psam(b: int, h: int, w: int, cell: int = S, sharp: float = 2.0, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(b, 9, h * cell, w * cell, generator=gen, dtype=torch.float64) * sharp

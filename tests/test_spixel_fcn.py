@@ -8,15 +8,6 @@ import torch
 from net.spixel_fcn import SpixelNet, build_spixel_fcn, load_spixel_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and a busy machine stalls them; restore the count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> SpixelNet:
     torch.manual_seed(0)

@@ -13,14 +13,6 @@ from sp_cam.psam import hard_assignment
 from tools import superpixel_quality
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_perfect_segmentation():
     gt = np.zeros((20, 20), dtype=np.uint8)
     gt[5:15, 5:15] = 3

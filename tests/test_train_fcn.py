@@ -20,15 +20,6 @@ from sp_cam.paths import RunPaths
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest (and never stall on a busy machine) on one thread; restore the count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory) -> Path:
     return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy_data", num_train=5, num_val=2, image_size=SIZE)
@@ -167,3 +158,16 @@ def test_cli_errors(tmp_path, capsys):
     assert "fcn.mode='bogus'" in capsys.readouterr().err
     assert train_fcn.main(["run.work_dir=" + str(tmp_path), "data.crop_size=100"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_select_last_keeps_the_last_epoch(tmp_path, toy_root):
+    work = tmp_path / "last"
+    write_cams(work, toy_root)
+    train_fcn.run(make_config(work, toy_root, "fcn.select=last"))
+    fcn_dir = RunPaths.from_work_dir(work).fcn
+    saved = torch.load(RunPaths.model(fcn_dir), weights_only=True)
+    assert saved["metric"] == {"name": "last_epoch", "epoch": 2}
+    last = torch.load(RunPaths.last_checkpoint(fcn_dir), weights_only=True)["model"]
+    assert all(torch.equal(saved["model"][k], last[k]) for k in last)
+    with pytest.raises(Exception, match="fcn.select='best': expected gt or last"):
+        train_fcn.run(make_config(tmp_path / "bad", toy_root, "fcn.select=best"))
