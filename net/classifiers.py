@@ -172,7 +172,14 @@ class SPCAMModel(CAMModel):
                 f"PSAM {tuple(psam.shape)} gives a {tuple(qf.shape[-2:])} grid but the features are "
                 f"{tuple(x5.shape[-2:])}; image and PSAM must have the same size, a multiple of {CELL_SIZE}"
             )
-        k = self.get_tran_conv(torch.cat([x5.detach(), qf], dim=1))
+        # The first conv of T on concat[x5.detach(), qf], written as two convs on the slices of its one weight: the
+        # same result and parameter names, but autograd then computes no input gradient for the 2048 detached
+        # channels, which is most of the DRM's extra backward cost.
+        conv, act = self.get_tran_conv[0]
+        split = x5.shape[1]
+        h = F.conv2d(x5.detach(), conv.weight[:, :split], conv.bias, padding=conv.padding)
+        h = h + F.conv2d(qf, conv.weight[:, split:], None, padding=conv.padding)
+        k = self.get_tran_conv[1:](act(h))
         # Channel order: the first 9 kernels serve the background, the last 9 all foreground classes (spec 3.2 step 4).
         return F.softmax(k[:, :NUM_CANDIDATES], dim=1), F.softmax(k[:, NUM_CANDIDATES:], dim=1)
 

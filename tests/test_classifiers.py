@@ -191,3 +191,15 @@ def test_convert_sync_batchnorm_touches_only_the_encoder():
         for m in sp.backbone.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
     )
+
+
+def test_split_first_head_conv_equals_the_concatenated_conv():
+    """The kernel head's first conv runs as two convs on weight slices; it must equal one conv on concat[x5, E(Q)]."""
+    torch.manual_seed(0)
+    model = SPCAMModel(build_backbone("tiny"), 5, [4, 4, 4, 4, 8], [16, 8]).double()
+    x5 = torch.randn(2, model.backbone.out_channels, 4, 4, dtype=torch.float64)
+    psam = torch.softmax(torch.randn(2, 9, 64, 64, dtype=torch.float64), dim=1)
+    w_bg, w_fg = model.kernels(x5, psam)
+    k = model.get_tran_conv(torch.cat([x5, model.get_qfeats(psam)], dim=1))
+    assert torch.allclose(w_bg, torch.softmax(k[:, :9], dim=1), atol=1e-12)
+    assert torch.allclose(w_fg, torch.softmax(k[:, 9:], dim=1), atol=1e-12)
