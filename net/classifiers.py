@@ -116,8 +116,12 @@ class SPCAMModel(CAMModel):
         num_classes: int,
         encoder_widths: list[int] | tuple[int, ...] = (32, 32, 64, 128, 128),
         head_widths: list[int] | tuple[int, ...] = (1024, 256, 128),
+        drm_border: str = "zero",
     ) -> None:
         super().__init__(backbone, num_classes)
+        if drm_border not in ("zero", "replicate"):
+            raise ValueError(f"drm_border must be 'zero' (ref) or 'replicate', got {drm_border!r}")
+        self.drm_border = drm_border
         encoder_widths, head_widths = list(encoder_widths), list(head_widths)
         if len(encoder_widths) != 5 or min(encoder_widths) < 1:
             raise ValueError(f"drm_encoder_widths must be 5 positive ints (ref 32,32,64,128,128), got {encoder_widths}")
@@ -189,7 +193,8 @@ class SPCAMModel(CAMModel):
         x5 = self.backbone(x)
         z = self.classifier(x5)
         w_bg, w_fg = self.kernels(x5, psam)
-        return torch.cat([drm_redistribute(z[:, :1], w_bg), drm_redistribute(z[:, 1:], w_fg)], dim=1)
+        bg = drm_redistribute(z[:, :1], w_bg, self.drm_border)
+        return torch.cat([bg, drm_redistribute(z[:, 1:], w_fg, self.drm_border)], dim=1)
 
     def convert_sync_batchnorm(self) -> nn.Module:
         """Convert the PSAM encoder's BN layers (trainable statistics) to ``nn.SyncBatchNorm`` for DDP; returns self.
@@ -234,7 +239,7 @@ def build_classifier(model_type: str, ccfg: Any, num_classes: int, pretrained: s
     Args:
         model_type: ``"cam"`` or ``"spcam"``.
         ccfg: a ``sp_cam.config.ClassifierConfig`` (fields backbone, pretrained, freeze_backbone,
-            drm_encoder_widths, drm_head_widths are read).
+            drm_encoder_widths, drm_head_widths, drm_border are read).
         num_classes: K, the number of foreground classes.
         pretrained: overrides ``ccfg.pretrained`` when not None (e.g. ``""`` when a full checkpoint is loaded next,
             to skip reading backbone weights).
@@ -247,7 +252,7 @@ def build_classifier(model_type: str, ccfg: Any, num_classes: int, pretrained: s
     if model_type == "cam":
         model: CAMModel = CAMModel(backbone, num_classes)
     else:
-        model = SPCAMModel(backbone, num_classes, ccfg.drm_encoder_widths, ccfg.drm_head_widths)
+        model = SPCAMModel(backbone, num_classes, ccfg.drm_encoder_widths, ccfg.drm_head_widths, ccfg.drm_border)
     if ccfg.freeze_backbone:
         model.freeze_backbone()
     return model

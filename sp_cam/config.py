@@ -109,6 +109,7 @@ class ClassifierConfig:
     drm_head_lr_mult: float = 500.0  # ref (D2): kernel head at 500x
     drm_encoder_widths: list[int] = field(default_factory=lambda: [32, 32, 64, 128, 128])  # ref get_qfeats
     drm_head_widths: list[int] = field(default_factory=lambda: [1024, 256, 128])  # ref get_tran_conv
+    drm_border: str = "zero"  # zero (ref): border cells lose the mass of missing neighbours | replicate (extension)
     alpha: float = 0.5  # ref: EPS saliency-loss weight
     tau: float = 0.4  # ref: EPS class-validity overlap threshold
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)

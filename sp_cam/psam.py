@@ -255,7 +255,7 @@ def random_walk_multi(g: torch.Tensor, a: torch.Tensor, t_list: list[int]) -> di
     return out
 
 
-def drm_redistribute(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def drm_redistribute(z: torch.Tensor, w: torch.Tensor, border: str = "zero") -> torch.Tensor:
     """DRM redistribution (spec 3.2 step 5): ``out(t) = sum_k w_k(t + o_k) * z(t + o_k)``, zero outside the grid.
 
     Each source cell s sends the fraction ``w_k(s)`` of its value to the cell ``s - o_k = s + o_{8-k}``: a 3x3 fold of
@@ -264,6 +264,10 @@ def drm_redistribute(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Args:
         z: (B, C, h, w) grid scores.
         w: (B, 9, h, w) per-source kernels (the same kernel for all C channels).
+        border: "zero" (ref): nothing comes from outside the grid, so border cells lose the mass their missing
+            neighbours would send; on logits this pulls border scores towards 0, i.e. raises negative foreground
+            logits. "replicate": the cells just outside the grid copy their border cell (scores and kernels) and
+            send like real cells; cells away from the border get exactly the same result.
     Returns:
         (B, C, h, w).
     """
@@ -273,7 +277,12 @@ def drm_redistribute(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"scores must have shape (B={w.shape[0]}, C, {w.shape[2]}, {w.shape[3]}), got {tuple(z.shape)}"
         )
-    return _scatter3(z.unsqueeze(2) * w.flip(1).unsqueeze(1))
+    if border == "zero":
+        return _scatter3(z.unsqueeze(2) * w.flip(1).unsqueeze(1))
+    if border != "replicate":
+        raise ValueError(f"DRM border must be 'zero' or 'replicate', got {border!r}")
+    zp, wp = F.pad(z, (1, 1, 1, 1), mode="replicate"), F.pad(w, (1, 1, 1, 1), mode="replicate")
+    return _scatter3(zp.unsqueeze(2) * wp.flip(1).unsqueeze(1))[..., 1:-1, 1:-1]
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -285,3 +285,21 @@ def test_pad_to_multiple():
     assert float(y[:, :, :5, :7].min()) == 1 and float(y.sum()) == 70
     same, size = pad_to_multiple(torch.ones(1, 1, 8, 4), 4)
     assert same.shape == (1, 1, 8, 4) and size == (8, 4)
+
+
+def test_drm_replicate_border_changes_only_the_border_cells():
+    z = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    w = torch.softmax(torch.randn(2, 9, 6, 7, dtype=torch.float64), dim=1)
+    zero, replicate = drm_redistribute(z, w), drm_redistribute(z, w, border="replicate")
+    assert torch.equal(zero[..., 1:-1, 1:-1], replicate[..., 1:-1, 1:-1])
+    assert not torch.allclose(zero, replicate)
+    # a border cell now also receives from the copies of itself and its border neighbours outside the grid
+    padded_z = torch.nn.functional.pad(z, (1, 1, 1, 1), mode="replicate")
+    padded_w = torch.nn.functional.pad(w, (1, 1, 1, 1), mode="replicate")
+    expected = sum(
+        padded_w[:, k, 1 + dy, 1 + dx, None] * padded_z[:, :, 1 + dy, 1 + dx]
+        for k, (dy, dx) in enumerate((k // 3 - 1, k % 3 - 1) for k in range(9))
+    )
+    assert torch.allclose(replicate[..., 0, 0], expected, atol=1e-12)
+    with pytest.raises(ValueError, match="border"):
+        drm_redistribute(z, w, border="reflect")
