@@ -151,3 +151,14 @@ def test_data_root_without_images_is_refused(tmp_path: Path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "JPEGImages" in result.stderr or "image" in result.stderr.lower()
+
+
+def test_two_processes_with_torchrun(tmp_path: Path):
+    """--nproc 2: training under torchrun (gloo on CPU), export and pseudo labels sharded over two processes."""
+    work = tmp_path / "work"
+    out = finish(train_all(work, "--nproc", "2"))
+    assert "--nproc_per_node=2" in out
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["num_images"] == 6 and 0.0 <= metrics["miou"] <= 100.0
+    assert len(list((work / "cams").glob("*.npz"))) == 6
+    assert len(list((work / "pseudo_labels").glob("*.png"))) == 6
