@@ -147,3 +147,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+
+
+def restore_model_and_optimizer(
+    ckpt: dict[str, Any],
+    path: Path,
+    now: dict[str, dict[str, Any]],
+    sections: tuple[str, ...],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Load ``ckpt["model"]`` and ``ckpt["optimizer"]`` for a resumed run, warning about config changes.
+
+    Args:
+        now: the running config as a dict (``config_to_dict``), compared with ``ckpt["config"]`` in ``sections``.
+    Raises:
+        ValueError naming ``path`` when the weights or optimizer state do not fit.
+    """
+    saved = ckpt.get("config", {})
+    changed = [f"{s}.{k}" for s in sections for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    if changed:
+        logging.getLogger(__name__).warning(
+            "resuming with a config that differs from the checkpoint's in %s", ", ".join(changed)
+        )
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: does not fit this model/config ({str(e).splitlines()[0]})") from None

@@ -57,7 +57,15 @@ from sp_cam.metrics import iou_from_confusion
 from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
 from sp_cam.psam import psam_pool
-from sp_cam.runtime import configure_threads, derive_seed, rng_state, seed_everything, set_rng_state, setup_logging
+from sp_cam.runtime import (
+    configure_threads,
+    derive_seed,
+    restore_model_and_optimizer,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+)
 
 log = logging.getLogger("sp_cam.train_cls")
 
@@ -608,16 +616,7 @@ def resume(state: TrainState, path: Path, cfg: Config, model_type: str) -> None:
     ckpt = load_checkpoint(path)
     if ckpt.get("model_type") != model_type:
         raise ValueError(f"{path}: a checkpoint of a {ckpt.get('model_type')!r} model, but {model_type!r} is trained")
-    saved = ckpt.get("config", {})
-    now = config_to_dict(cfg)
-    changed = [f"{s}.{k}" for s in (model_type, "data") for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
-    if changed:
-        log.warning("resuming with a config that differs from the checkpoint's in %s", ", ".join(changed))
-    try:
-        state.net.load_state_dict(ckpt["model"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: does not fit this model/config ({str(e).splitlines()[0]})") from None
+    restore_model_and_optimizer(ckpt, path, config_to_dict(cfg), (model_type, "data"), state.net, state.optimizer)
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])

@@ -46,6 +46,7 @@ from sp_cam.runtime import (
     configure_threads,
     derive_seed,
     resolve_device,
+    restore_model_and_optimizer,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -304,16 +305,7 @@ def resume(state: TrainState, path: Path, cfg: Config) -> None:
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("stage") != "fcn":
         raise ValueError(f"{path}: not a stage-1 training checkpoint")
-    saved = ckpt.get("config", {})
-    now = config_to_dict(cfg)
-    changed = [f"{s}.{k}" for s in ("fcn", "data") for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
-    if changed:
-        log.warning("resuming with a config that differs from the checkpoint's in %s", ", ".join(changed))
-    try:
-        state.model.load_state_dict(ckpt["model"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: does not fit this model ({str(e).splitlines()[0]})") from None
+    restore_model_and_optimizer(ckpt, path, config_to_dict(cfg), ("fcn", "data"), state.model, state.optimizer)
     state.epoch = int(ckpt["epoch"])
     state.step = int(ckpt["step"])
     state.best = dict(ckpt.get("best") or {})
