@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", type=str, required=True, help="YAML config file")
     parser.add_argument("--shard", type=str, default="", help="i/n: process only the ids i::n (0-based i)")
     parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         shard = dist_utils.parse_shard(args.shard) if args.shard else None

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=str, default=",".join(STEPS), help=f"comma-separated subset of {STEPS}")
     parser.add_argument("--nproc", type=int, default=1, help="processes per step (torchrun) when > 1")
     parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")

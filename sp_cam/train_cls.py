@@ -854,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_type", type=str, choices=MODEL_TYPES, help="cam (stage A) or spcam (stage 2)")
     parser.add_argument("-c", "--config", type=str, default=None, help="YAML config file")
     parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         sdir = stage_dir(RunPaths.from_work_dir(cfg.run.work_dir), args.model_type)

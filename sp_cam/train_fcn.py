@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=str, default=None, help="YAML config file")
     parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).fcn / LOG_FILE)
