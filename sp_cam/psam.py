@@ -197,15 +197,20 @@ def asam(q: torch.Tensor, cell_size: int = 16, renormalize: bool = False, eps: f
     return a
 
 
-def walk_step(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+WALK_FORMS = ("stencil", "unfold")
+
+
+def walk_step(g: torch.Tensor, a: torch.Tensor, form: str | None = None) -> torch.Tensor:
     """One random-walk step on the grid: ``out(s) = sum_j a_j(s) * g(s + d_j)``, g = 0 outside the grid.
 
-    A 25-term stencil of shifted views (the fastest form on CPU, spec 11); equals ``psam_pool(psam_upsample(g, q), q)``
-    when ``a = asam(q)``.
+    Equals ``psam_pool(psam_upsample(g, q), q)`` when ``a = asam(q)``. Two exact forms of the same sum:
+    ``stencil``, 25 multiply-adds of shifted views (the fastest on CPU, spec 11), and ``unfold``, one 5x5 unfold and one
+    contraction (a few kernel launches instead of 25, the fastest on CUDA, where the walk is launch-bound).
 
     Args:
         g: (B, C, h, w) grid map.
         a: (B, 25, h, w) ASAM.
+        form: "stencil" | "unfold"; None picks unfold on CUDA and stencil elsewhere.
     Returns:
         (B, C, h, w).
     """
@@ -215,9 +220,16 @@ def walk_step(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"grid map must have shape (B={a.shape[0]}, C, {a.shape[2]}, {a.shape[3]}), got {tuple(g.shape)}"
         )
-    h, w = g.shape[-2:]
+    form = form or ("unfold" if g.is_cuda else "stencil")
+    if form not in WALK_FORMS:
+        raise ValueError(f"walk form must be one of {WALK_FORMS}, got {form!r}")
+    B, C, h, w = g.shape
     dtype = torch.promote_types(g.dtype, a.dtype)
-    gp, a = F.pad(g.to(dtype), (2, 2, 2, 2)), a.to(dtype)
+    g, a = g.to(dtype), a.to(dtype)
+    if form == "unfold":  # unfold enumerates the 5x5 window row-major: column j is the offset d_j
+        cols = F.unfold(g, kernel_size=5, padding=2).view(B, C, NUM_OFFSETS, h, w)
+        return torch.einsum("bcjyx,bjyx->bcyx", cols, a)
+    gp = F.pad(g, (2, 2, 2, 2))
     out = None
     for j, (dy, dx) in enumerate(_offsets5()):
         shifted = gp[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]

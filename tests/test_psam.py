@@ -152,7 +152,10 @@ def test_walk_step_matches_loops():
                     ty, tx = y + j // 5 - 2, x + j % 5 - 2
                     if 0 <= ty < 4 and 0 <= tx < 6:
                         slow[b, :, y, x] += a[b, j, y, x].item() * g[b, :, ty, tx].numpy()
-    assert maxerr(walk_step(g, a), slow) <= TOL
+    for form in ("stencil", "unfold"):  # the CPU and the CUDA default
+        assert maxerr(walk_step(g, a, form=form), slow) <= TOL
+    with pytest.raises(ValueError, match="walk form"):
+        walk_step(g, a, form="dense")
 
 
 def test_asam_rows_sum_to_one_inside_and_less_at_border():
