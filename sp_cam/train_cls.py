@@ -714,7 +714,8 @@ def run(cfg: Config, model_type: str) -> Path:
         state.model = dist_utils.wrap_ddp(net, device)
 
     log.info(
-        "%s: %d images, %d steps/epoch x %d epochs, batch %d = %d process(es) x %d micro-batch(es) x %d, device %s",
+        "%s: %d images, %d steps/epoch x %d epochs, batch %d = %d process(es) x %d micro-batch(es) x %d, device %s, "
+        "precision %s",
         model_type,
         len(loaders.train_set),
         loaders.steps_per_epoch,
@@ -724,6 +725,7 @@ def run(cfg: Config, model_type: str) -> Path:
         ccfg.grad_accum,
         loaders.micro_batch,
         device,
+        {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}[amp_dtype],
     )
     metrics_path = sdir / METRICS_FILE
     writer = _open_writer(sdir, ccfg.tensorboard) if main else None
