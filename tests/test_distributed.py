@@ -51,10 +51,12 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
 
 
 def test_batch_must_split_over_processes_and_micro_batches():
-    assert train_cls.micro_batch_size(32, 4, 1, "cam") == 8
-    assert train_cls.micro_batch_size(32, 1, 4, "cam") == 8
+    assert dist_utils.micro_batch_size(32, 4, 1, "cam") == 8
+    assert dist_utils.micro_batch_size(32, 1, 4, "cam") == 8
     with pytest.raises(ValueError, match=r"cam.batch_size=6 .* 2 x 2 = 4"):
-        train_cls.micro_batch_size(6, 2, 2, "cam")
+        dist_utils.micro_batch_size(6, 2, 2, "cam")
+    with pytest.raises(ValueError, match=r"fcn.batch_size=6 .* the number of processes \(4\)"):
+        dist_utils.micro_batch_size(6, 4, 1, "fcn")
 
 
 def test_shards_partition_the_items():
