@@ -87,6 +87,13 @@ class SpixelNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def convert_sync_batchnorm(self) -> SpixelNet:
+        """Convert every BN layer (all have trainable statistics) to ``nn.SyncBatchNorm`` for DDP, in place.
+
+        Parameters, buffers and their names are kept. Returns self.
+        """
+        return nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> PSAM (B, 9, H, W)."""
         if x.ndim != 4 or x.shape[1] != 3:

@@ -1,8 +1,8 @@
 """Multi-process training glue: torchrun environment, process group, rank-0 helpers, SyncBN, sharding.
 
-Launch with ``torchrun --nproc_per_node N -m sp_cam.train_cls ...``; torchrun sets ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without them everything here degrades to a single process.
-NCCL is used on CUDA, gloo on CPU.
+Launch with ``torchrun --nproc_per_node N -m sp_cam.train_cls ...`` (or ``-m sp_cam.train_fcn ...``); torchrun sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without them everything here degrades to a
+single process. NCCL is used on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -10,19 +10,27 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from sp_cam.config import ConfigError
 from sp_cam.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Rank 0 evaluates alone after each epoch while the other ranks wait in a barrier; NCCL's default 10-minute watchdog
 # would kill a long VOC evaluation, so the group gets a generous timeout.
 PROCESS_GROUP_TIMEOUT_S = 2 * 60 * 60
+# BN layers that normalise with batch statistics in training; the backbones' frozen-statistics BN layers are
+# subclasses (net.frozen_bn) and are not counted
+BATCH_STATISTICS_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, then on the other ranks after a barrier: rank 0 creates what they reuse (a toy dataset)."""
+    result = fn() if is_main() else None
+    barrier()
+    return result if is_main() else fn()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all ranks (a new tensor; ``t`` is not modified)."""
     out = t.detach().clone()
@@ -122,6 +137,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(t).item() > 0)
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, in place; no-op in a single process.
+
+    DDP broadcasts the buffers at the start of each forward only, so after a training step every rank holds the
+    statistics of its own batch; call this before the ranks evaluate together what rank 0 saves.
+    """
+    if is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def cleanup() -> None:
     """Leave the process group (no-op in a single process)."""
     if is_initialized():
@@ -129,11 +155,12 @@ def cleanup() -> None:
 
 
 def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap a classifier for DDP; on CUDA its trainable-statistics BN (the DRM encoder) becomes SyncBatchNorm first.
+    """Wrap a model for DDP; on CUDA its trainable-statistics BN becomes SyncBatchNorm first.
 
-    The backbone's frozen-statistics BN is left alone (``net.convert_sync_batchnorm()`` converts the encoder only).
-    On CPU (gloo) SyncBatchNorm is unsupported, so the encoder's BN keeps per-process statistics (as the reference's
-    DataParallel did, D15). Parameters keep their identity, so an optimizer built before stays valid.
+    The model's own ``convert_sync_batchnorm()`` does the conversion (a classifier converts its DRM encoder only, and
+    leaves the backbone's frozen-statistics BN alone; SpixelNet converts all its BN). On CPU (gloo) SyncBatchNorm is
+    unsupported, so those BN layers keep per-process statistics (as the reference's DataParallel did, D15).
+    Parameters keep their identity, so an optimizer built before stays valid.
     """
     if not is_initialized():
         return net
@@ -143,9 +170,31 @@ def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
             convert()
             net.to(device)
         return nn.parallel.DistributedDataParallel(net, device_ids=[device.index])
-    if getattr(net, "model_type", "") == "spcam":
-        log.info("gloo on CPU: no SyncBatchNorm, the DRM encoder's BN keeps per-process batch statistics")
+    n_bn = sum(type(m) in BATCH_STATISTICS_BN for m in net.modules())
+    if n_bn:
+        log.info(
+            "gloo on CPU: no SyncBatchNorm, the %d BN layers of %s keep per-process batch statistics",
+            n_bn,
+            type(net).__name__,
+        )
     return nn.parallel.DistributedDataParallel(net)
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int, section: str) -> int:
+    """Images per forward on one process: ``batch_size / (world_size * grad_accum)``, which must be whole.
+
+    ``batch_size`` is ``section.batch_size``, the global batch of one optimizer step.
+    """
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        if grad_accum > 1:
+            by = f"processes x grad_accum = {world_size} x {grad_accum} = {parts}"
+        else:
+            by = f"the number of processes ({world_size})"
+        raise ConfigError(
+            f"{section}.batch_size={batch_size} is the global batch of one optimizer step and must be divisible by {by}"
+        )
+    return batch_size // parts
 
 
 def shard(items: list, rank: int, world_size: int) -> list:

@@ -31,11 +31,11 @@ STEP_TITLES = {
     "pseudo": "stage 3: pseudo labels",
     "eval": "evaluation and ablation",
 }
-# Module run under torchrun for each step, and its leading arguments. Stage 1 has no multi-process training: it runs
-# in this process whatever --nproc says.
+# Module run under torchrun for each step, and its leading arguments (the evaluation runs in this process).
 STEP_MODULES = {
     "cam": ["sp_cam.train_cls", "cam"],
     "export": ["sp_cam.export_cams"],
+    "fcn": ["sp_cam.train_fcn"],
     "spcam": ["sp_cam.train_cls", "spcam"],
     "pseudo": ["sp_cam.make_pseudo"],
 }

@@ -115,17 +115,6 @@ def check_classifier_config(ccfg: ClassifierConfig, section: str) -> None:
         raise ConfigError(f"{section}.eval_t and {section}.eval_th must not be empty")
 
 
-def micro_batch_size(batch_size: int, world_size: int, grad_accum: int, section: str) -> int:
-    """Images per forward on one process: ``batch_size / (world_size * grad_accum)``, which must be whole."""
-    parts = world_size * grad_accum
-    if batch_size % parts:
-        raise ConfigError(
-            f"{section}.batch_size={batch_size} is the global batch of one optimizer step and must be divisible by "
-            f"processes x grad_accum = {world_size} x {grad_accum} = {parts}"
-        )
-    return batch_size // parts
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Labels and classification metrics
 
@@ -293,7 +282,7 @@ def build_loaders(
     Global step k of an epoch always takes the images ``perm[k*B:(k+1)*B]`` of that epoch's permutation, whatever the
     number of processes or micro-batches.
     """
-    micro = micro_batch_size(ccfg.batch_size, info.world_size, ccfg.grad_accum, section)
+    micro = dist_utils.micro_batch_size(ccfg.batch_size, info.world_size, ccfg.grad_accum, section)
     train_set = TrainDataset(
         layout,
         cfg.data.train_split,
@@ -675,7 +664,7 @@ def run(cfg: Config, model_type: str) -> Path:
     if main:
         sdir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, sdir / "config.yaml")
-    layout = _open_layout(cfg, main)
+    layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
     num_classes = layout.num_classes
     cell = cfg.fcn.cell_size
     if model_type == "spcam" and cfg.data.crop_size % cell:
@@ -767,13 +756,6 @@ def run(cfg: Config, model_type: str) -> Path:
         if writer is not None:
             writer.close()
     return final
-
-
-def _open_layout(cfg: Config, main: bool) -> VOCLayout:
-    """Open the dataset; rank 0 first, so that a toy set is generated once."""
-    layout = open_dataset(cfg) if main else None
-    dist_utils.barrier()
-    return layout if layout is not None else open_dataset(cfg)
 
 
 def _eval_dataset(layout: VOCLayout, cfg: Config, ccfg: ClassifierConfig, section: str) -> EvalDataset:

@@ -1,6 +1,7 @@
 """Stage 1: train the superpixel FCN (SpixelNet) with the improved stage-1 loss (spec 2.4-2.5, 5.3).
 
     python -m sp_cam.train_fcn -c CONFIG [section.key=value ...]
+    torchrun --nproc_per_node N -m sp_cam.train_fcn -c CONFIG [section.key=value ...]
 
 Adam without schedule; shuffled data (D3: the reference's unshuffled loader is a defect); the affinity terms join the
 reconstruction loss after ``fcn.affinity_warmup`` of the iterations and need the step-B CAMs (``WORK_DIR/cams/<id>.npz``,
@@ -8,9 +9,14 @@ reconstruction loss after ``fcn.affinity_warmup`` of the iterations and need the
 affinity step occurs. The loss mode is ``saliency`` (reconstruct binarised saliency, ref) or ``labels_only``
 (reconstruct CIELAB colour, for datasets without saliency maps); ``fcn.mode=auto`` picks by the dataset.
 
+``fcn.batch_size`` is the global batch of one optimizer step: under torchrun (DDP) each process takes its share of it,
+so global step k trains on the same images whatever the number of processes. SpixelNet's BN becomes SyncBatchNorm on
+CUDA; on CPU (gloo) it keeps per-process batch statistics. Rank 0 logs and writes every file.
+
 Every epoch ends with the full training state in ``last.pt`` (model, optimizer, epoch, step, RNG, config, best metric),
-written atomically; a re-run continues from it. Augmentations are a pure function of (seed, epoch, index) and the
-per-epoch order is seeded by (seed, epoch), so a resumed run ends with the weights of an uninterrupted one (on CPU).
+written atomically; a re-run continues from it (every process from the same file). Augmentations are a pure function of
+(seed, epoch, index) and the per-epoch order is seeded by (seed, epoch), so a resumed run ends with the weights of an
+uninterrupted one (on CPU).
 Model selection uses the stage-1 validation metric of spec 5.3, implemented as intended (D14): GT one-hot, bilinear down
 to ``val_grid`` x ``val_grid`` and back up, PSAM pooling, ``val_walk_steps`` walk steps, PSAM upsampling, argmax, mIoU.
 Without GT on ``data.eval_split`` the last epoch is kept. ``model.pt`` = ``{"model", "config", "metric", ...}``; ``DONE``
@@ -31,11 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from net.fcn_loss import FCNLoss
 from net.spixel_fcn import SpixelNet, load_spixel_weights
+from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import load_cam
 from sp_cam.config import Config, ConfigError, FCNConfig, config_to_dict, load_config, save_config
 from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
@@ -45,7 +53,6 @@ from sp_cam.psam import asam, pad_to_multiple, psam_pool, psam_upsample, random_
 from sp_cam.runtime import (
     configure_threads,
     derive_seed,
-    resolve_device,
     restore_model_and_optimizer,
     rng_state,
     seed_everything,
@@ -65,7 +72,10 @@ IGNORE_INDEX = 255
 
 @dataclass
 class TrainState:
-    model: SpixelNet
+    """Everything the loop mutates; ``model`` may be the DDP wrapper of ``net``."""
+
+    model: nn.Module
+    net: SpixelNet
     optimizer: torch.optim.Optimizer
     device: torch.device
     epoch: int = 0  # completed epochs
@@ -153,6 +163,19 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     return np.random.default_rng(derive_seed(seed, epoch)).permutation(n).tolist()
 
 
+def process_indices(
+    n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int
+) -> list[int]:
+    """The images of one process in ``epoch``, in order, to be read in batches of ``batch_size / world_size``.
+
+    Global step k takes ``order[k*B:(k+1)*B]`` of the epoch's order (B = ``batch_size``), whatever ``world_size``;
+    each process gets every ``world_size``-th of them (the DistributedSampler split). The tail short of a full global
+    batch is dropped.
+    """
+    order = epoch_order(n, seed, epoch, shuffle)
+    return dist_utils.shard(order[: n // batch_size * batch_size], rank, world_size)
+
+
 def build_model(fcfg: FCNConfig) -> SpixelNet:
     model = SpixelNet()
     if fcfg.init:
@@ -184,12 +207,16 @@ def train_one_epoch(
     metrics_path: Path | None,
     desc: str,
 ) -> dict[str, float]:
-    """One pass over ``loader`` (``steps`` batches); ``state.step`` advances by one per batch."""
+    """One pass over ``loader`` (``steps`` batches of this process); ``state.step`` advances by one per batch.
+
+    Logged losses are means over the processes; ``metrics_path`` is None on ranks other than 0.
+    """
+    main = dist_utils.is_main()
     state.model.train()
     sums: dict[str, float] = {}
     done = 0
     start = time.time()
-    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not main, dynamic_ncols=True, leave=False)
     try:
         for batch in loader:
             use_affinity = state.step >= affinity_from
@@ -200,17 +227,18 @@ def train_one_epoch(
             q = state.model(image)
             terms = loss_fn(q, image, saliency, cams, valid, use_affinity)
             loss = terms["total"]
-            if not bool(torch.isfinite(loss)):
+            if dist_utils.any_rank(not bool(torch.isfinite(loss)), state.device):
                 raise FloatingPointError(
-                    f"stage-1 loss is {float(loss)} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    f"lower fcn.lr or check the inputs"
+                    f"stage-1 loss is not finite ({float(loss)} on this process) at step {state.step + 1} "
+                    f"(epoch {state.epoch + 1}); lower fcn.lr or check the inputs"
                 )
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
             state.step += 1
             done += 1
-            values = {k: float(v.detach()) for k, v in terms.items()}
+            means = dist_utils.all_reduce_mean(torch.stack([v.detach() for v in terms.values()])).tolist()
+            values = dict(zip(terms, means, strict=True))
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{values['total']:.4f}", aff=int(use_affinity))
@@ -224,7 +252,8 @@ def train_one_epoch(
         bar.close()
     elapsed = time.time() - start
     stats = {f"loss_{k}" if k != "total" else "loss": v / max(done, 1) for k, v in sums.items()}
-    stats.update(seconds=elapsed, images_per_s=done * loader.batch_size / max(elapsed, 1e-9))
+    images = done * loader.batch_size * dist_utils.get_world_size()
+    stats.update(seconds=elapsed, images_per_s=images / max(elapsed, 1e-9))
     return stats
 
 
@@ -261,13 +290,19 @@ def reconstruct_gt(
 def evaluate(
     model: SpixelNet, dataset: Any, fcfg: FCNConfig, num_classes: int, device: torch.device, max_images: int = 0
 ) -> dict[str, float] | None:
-    """Stage-1 GT-reconstruction mIoU (percent) on the images of ``dataset`` that have GT; None when none has."""
+    """Stage-1 GT-reconstruction mIoU (percent) on the images of ``dataset`` that have GT; None when none has.
+
+    The images are sharded over the processes (all of them must call this) and the confusion matrices summed, so
+    every process gets the same result.
+    """
     model.eval()
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    mine = dist_utils.shard(list(range(n)), dist_utils.get_rank(), dist_utils.get_world_size())
     multiple = math.lcm(NET_STRIDE, fcfg.cell_size)
     conf = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     scored = 0
-    for index in tqdm(range(n), desc="stage-1 validation", unit="img", dynamic_ncols=True, leave=False):
+    quiet = not dist_utils.is_main()
+    for index in tqdm(mine, desc="stage-1 validation", unit="img", disable=quiet, dynamic_ncols=True, leave=False):
         if not dataset.layout.has_gt(dataset.ids[index]):
             continue
         item = dataset[index]
@@ -277,6 +312,8 @@ def evaluate(
         pred = reconstruct_gt(q, gt, num_classes + 1, fcfg.val_grid, fcfg.val_walk_steps, fcfg.cell_size)
         conf += confusion_matrix(pred, gt, num_classes + 1)
         scored += 1
+    total = dist_utils.all_reduce_sum(torch.from_numpy(np.append(conf.reshape(-1), scored)).to(device)).cpu().numpy()
+    conf, scored = total[:-1].reshape(conf.shape), int(total[-1])
     if scored == 0:
         return None
     result = iou_from_confusion(conf)
@@ -291,7 +328,7 @@ def training_checkpoint(state: TrainState, cfg: Config, mode: str) -> dict[str, 
     return {
         "stage": "fcn",
         "mode": mode,
-        "model": state.model.state_dict(),
+        "model": state.net.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "epoch": state.epoch,
         "step": state.step,
@@ -305,7 +342,7 @@ def resume(state: TrainState, path: Path, cfg: Config) -> None:
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("stage") != "fcn":
         raise ValueError(f"{path}: not a stage-1 training checkpoint")
-    restore_model_and_optimizer(ckpt, path, config_to_dict(cfg), ("fcn", "data"), state.model, state.optimizer)
+    restore_model_and_optimizer(ckpt, path, config_to_dict(cfg), ("fcn", "data"), state.net, state.optimizer)
     state.epoch = int(ckpt["epoch"])
     state.step = int(ckpt["step"])
     state.best = dict(ckpt.get("best") or {})
@@ -320,7 +357,8 @@ def resume(state: TrainState, path: Path, cfg: Config) -> None:
 def run(cfg: Config) -> Path:
     """Train the superpixel FCN; returns the final weights' path (``RunPaths.model(paths.fcn)``).
 
-    Skips the stage when its ``DONE`` marker exists; resumes from ``last.pt`` when present.
+    Works in a single process and under torchrun. Skips the stage when its ``DONE`` marker exists; resumes from
+    ``last.pt`` when present.
     """
     check_fcn_config(cfg)
     fcfg = cfg.fcn
@@ -331,14 +369,16 @@ def run(cfg: Config) -> Path:
         log.info("stage 1: %s exists, stage already finished (%s)", RunPaths.done(sdir), final)
         return final
     configure_threads(cfg.run.num_threads)
-    device = resolve_device(cfg.run.device)
-    sdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, sdir / "config.yaml")
+    info, device = dist_utils.init_distributed(cfg.run.device)
+    main = info.is_main
+    if main:
+        sdir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, sdir / "config.yaml")
 
     from data.datasets import EvalDataset, TrainDataset
     from data.voc_layout import open_dataset
 
-    layout = open_dataset(cfg)
+    layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
     num_classes = layout.num_classes
     mode, why = choose_mode(fcfg, layout.has_saliency)
     log.info("stage 1: loss mode %s (%s)", mode, why)
@@ -352,8 +392,14 @@ def run(cfg: Config) -> Path:
     )
     if len(train_set) == 0:
         raise ConfigError(f"data.train_split={cfg.data.train_split!r} is empty")
-    batch_size = min(fcfg.batch_size, len(train_set))
-    if batch_size < fcfg.batch_size:
+    dist_utils.micro_batch_size(fcfg.batch_size, info.world_size, 1, "fcn")  # the global batch splits evenly
+    batch_size = min(fcfg.batch_size, len(train_set) // info.world_size * info.world_size)
+    if batch_size == 0:
+        raise ConfigError(
+            f"data.train_split={cfg.data.train_split!r} has {len(train_set)} images, fewer than the "
+            f"{info.world_size} processes"
+        )
+    if batch_size < fcfg.batch_size and main:
         log.warning(
             "stage 1: %d training images < fcn.batch_size=%d: batch %d", len(train_set), fcfg.batch_size, batch_size
         )
@@ -367,13 +413,15 @@ def run(cfg: Config) -> Path:
         log.info("stage 1: affinity terms never switched on (fcn.affinity_warmup=%g)", fcfg.affinity_warmup)
     cam_loader = CamLoader(paths.cams, num_classes)
 
-    seed_everything(derive_seed(cfg.run.seed))
-    model = build_model(fcfg).to(device)
-    state = TrainState(model=model, optimizer=build_optimizer(model, fcfg), device=device)
+    seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
+    net = build_model(fcfg).to(device)
+    state = TrainState(model=net, net=net, optimizer=build_optimizer(net, fcfg), device=device)
     loss_fn = FCNLoss.from_config(fcfg, num_classes, mode)
     last = RunPaths.last_checkpoint(sdir)
     if last.is_file():
         resume(state, last, cfg)
+    if info.distributed:
+        state.model = dist_utils.wrap_ddp(net, device)
 
     eval_set = EvalDataset(layout, cfg.data.eval_split)
     has_gt = any(layout.has_gt(i) for i in eval_set.ids[: fcfg.val_max_images or None])
@@ -383,32 +431,37 @@ def run(cfg: Config) -> Path:
         )
     metrics_path = sdir / METRICS_FILE
     log.info(
-        "stage 1: %d images, %d steps/epoch x %d epochs, batch %d, %d classes, device %s",
+        "stage 1: %d images, %d steps/epoch x %d epochs, batch %d = %d process(es) x %d, %d classes, device %s",
         len(train_set),
         steps,
         fcfg.epochs,
         batch_size,
+        info.world_size,
+        batch_size // info.world_size,
         num_classes,
         device,
     )
     if has_gt and state.epoch == 0 and not state.best.get("initial"):
-        initial = evaluate(model, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
+        initial = evaluate(net, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
         state.best = {"initial": initial["miou"]}
-        append_jsonl(
-            metrics_path, {"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in initial.items()}}
-        )
+        if main:
+            record = {"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in initial.items()}}
+            append_jsonl(metrics_path, record)
         log.info("stage 1: initial weights: GT-reconstruction mIoU %.2f", initial["miou"])
 
     while state.epoch < fcfg.epochs:
         epoch = state.epoch
+        # the same stream on every process: nothing in the loop draws from it (the data are a function of the index)
         seed_everything(derive_seed(cfg.run.seed, epoch))
         train_set.set_epoch(epoch)
         # CAMs only for epochs that contain an affinity step (the first 70 % of the run never reads them)
         train_set.cam_loader = cam_loader if (epoch + 1) * steps > affinity_from else None
         loader = DataLoader(
             train_set,
-            batch_size=batch_size,
-            sampler=epoch_order(len(train_set), cfg.run.seed, epoch, fcfg.shuffle),
+            batch_size=batch_size // info.world_size,
+            sampler=process_indices(
+                len(train_set), batch_size, cfg.run.seed, epoch, fcfg.shuffle, info.rank, info.world_size
+            ),
             num_workers=cfg.data.num_workers,
             drop_last=True,
             pin_memory=device.type == "cuda",
@@ -420,26 +473,32 @@ def run(cfg: Config) -> Path:
             steps,
             affinity_from,
             fcfg,
-            metrics_path,
+            metrics_path if main else None,
             f"fcn epoch {epoch + 1}/{fcfg.epochs}",
         )
         state.epoch += 1
+        dist_utils.broadcast_buffers(net)  # every process evaluates the BN statistics that rank 0 saves
         record: dict[str, Any] = {"kind": "epoch", "epoch": state.epoch, "step": state.step, **stats}
         if has_gt:
-            result = evaluate(model, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
+            result = evaluate(net, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
             record.update({f"eval_{k}": v for k, v in result.items()})
             if result["miou"] >= state.best.get("miou", -math.inf):  # ties: the later epoch
                 # before last.pt: a crash in between redoes the epoch and rewrites the same file
-                save_checkpoint(sdir / BEST_CHECKPOINT, {"model": model.state_dict(), "epoch": state.epoch, **result})
+                if main:
+                    save_checkpoint(sdir / BEST_CHECKPOINT, {"model": net.state_dict(), "epoch": state.epoch, **result})
                 state.best.update(epoch=state.epoch, miou=result["miou"], fg_miou=result["fg_miou"])
-        append_jsonl(metrics_path, record)
-        line = f"stage 1 epoch {state.epoch}/{fcfg.epochs}: loss {record['loss']:.4f}"
-        if "eval_miou" in record:
-            line += f"; GT-reconstruction mIoU {record['eval_miou']:.2f} (best {state.best['miou']:.2f})"
-        log.info("%s", line)
-        save_checkpoint(last, training_checkpoint(state, cfg, mode))
+        if main:
+            append_jsonl(metrics_path, record)
+            line = f"stage 1 epoch {state.epoch}/{fcfg.epochs}: loss {record['loss']:.4f}"
+            if "eval_miou" in record:
+                line += f"; GT-reconstruction mIoU {record['eval_miou']:.2f} (best {state.best['miou']:.2f})"
+            log.info("%s", line)
+            save_checkpoint(last, training_checkpoint(state, cfg, mode))
+        dist_utils.barrier()
 
-    _write_final(state, sdir, cfg, mode, num_classes, has_gt)
+    if main:
+        _write_final(state, sdir, cfg, mode, num_classes, has_gt)
+    dist_utils.barrier()
     return final
 
 
@@ -451,7 +510,7 @@ def _write_final(state: TrainState, sdir: Path, cfg: Config, mode: str, num_clas
         metric["initial_miou"] = state.best.get("initial")
         log.info("stage 1: selected epoch %d, GT-reconstruction mIoU %.2f", metric["epoch"], metric["miou"])
     else:
-        weights = state.model.state_dict()
+        weights = state.net.state_dict()
         metric = {"name": "last_epoch", "epoch": state.epoch}
     save_checkpoint(
         RunPaths.model(sdir),
@@ -488,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        dist_utils.cleanup()
     return 0
 
 

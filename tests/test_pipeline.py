@@ -154,10 +154,23 @@ def test_data_root_without_images_is_refused(tmp_path: Path):
 
 
 def test_two_processes_with_torchrun(tmp_path: Path):
-    """--nproc 2: training under torchrun (gloo on CPU), export and pseudo labels sharded over two processes."""
+    """--nproc 2: training (stage 1 too) under torchrun (gloo on CPU), export and pseudo labels sharded over two
+    processes."""
     work = tmp_path / "work"
     out = finish(train_all(work, "--nproc", "2"))
-    assert "--nproc_per_node=2" in out
+    launches = [line for line in out.splitlines() if "launching:" in line]
+    assert all("--nproc_per_node=2" in line for line in launches)
+    modules = [line.split(" -m ")[-1].split(" -c ")[0] for line in launches]
+    assert modules == [
+        "sp_cam.train_cls cam",
+        "sp_cam.export_cams",
+        "sp_cam.train_fcn",
+        "sp_cam.train_cls spcam",
+        "sp_cam.make_pseudo",
+    ]
+    fcn_records = [json.loads(x) for x in (work / "fcn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in fcn_records if r["kind"] == "epoch"] == [3, 6]  # 6 images, global batch 2, rank 0 logs
+    assert "gloo on CPU: no SyncBatchNorm, the 14 BN layers of SpixelNet keep per-process batch statistics" in out
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["num_images"] == 6 and 0.0 <= metrics["miou"] <= 100.0
     assert len(list((work / "cams").glob("*.npz"))) == 6

@@ -40,6 +40,21 @@ def test_parameter_names_and_count(model):
     assert 2.2e6 < n < 2.4e6  # spec 2.1: about 2.29 M
 
 
+def test_sync_batchnorm_conversion_keeps_parameters_and_names():
+    torch.manual_seed(0)
+    net = SpixelNet()
+    params = dict(net.named_parameters())
+    keys = list(net.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    expected = net.train()(x)
+    assert net.convert_sync_batchnorm() is net
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 14 and all(type(m) is torch.nn.SyncBatchNorm for m in bns)
+    assert list(net.state_dict()) == keys
+    assert all(p is params[n] for n, p in net.named_parameters())  # an optimizer built before stays valid
+    torch.testing.assert_close(net(x), expected)  # without a process group SyncBatchNorm is plain BN
+
+
 def test_input_not_multiple_of_16_is_an_error(model):
     with pytest.raises(ValueError, match="multiple of 16"):
         model(torch.randn(1, 3, 40, 32))
