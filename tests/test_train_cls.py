@@ -239,7 +239,12 @@ def test_command_line(trained_cam, tmp_path, capsys):
     assert train_cls.main(["cam", "cam.no_such_key=1"]) == 2
     assert "unknown key 'cam.no_such_key'" in capsys.readouterr().err
     # the documented order: model type, then -c FILE, then overrides
-    assert train_cls.main(["cam", "-c", str(Path(__file__).resolve().parents[1] / "scripts/configs/toy.yaml"), "cam.no_such_key=1"]) == 2
+    assert (
+        train_cls.main(
+            ["cam", "-c", str(Path(__file__).resolve().parents[1] / "scripts/configs/toy.yaml"), "cam.no_such_key=1"]
+        )
+        == 2
+    )
     assert "unknown key 'cam.no_such_key'" in capsys.readouterr().err
 
 
