@@ -737,6 +737,7 @@ def run(cfg: Config, model_type: str) -> Path:
             record: dict[str, Any] = {"kind": "epoch", "epoch": state.epoch, "step": state.step, **stats}
             due = ccfg.eval_every and (state.epoch % ccfg.eval_every == 0 or state.epoch == ccfg.epochs)
             if due:
+                dist_utils.broadcast_buffers(net)  # every rank evaluates the weights rank 0 saves
                 result = evaluate(net, fcn, eval_set, ccfg, model_type, cell)
                 record.update({f"eval_{k}": v for k, v in result.items()})
                 _update_best(state, result, sdir, main, keep_weights=ccfg.select == "gt")

@@ -51,6 +51,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
 
     a = load_checkpoint(RunPaths.model(RunPaths.from_work_dir(single.run.work_dir).cam))
     b = load_checkpoint(RunPaths.model(RunPaths.from_work_dir(ddp.run.work_dir).cam))
+    seed_everything(derive_seed(single.run.seed))  # the initial weights of both runs
     init = train_cls.build_model(single.cam, "cam", 5).state_dict()
     moved = max(float((a["model"][k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
     assert moved > 1e-3  # training really changed the weights
