@@ -80,10 +80,18 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically save a checkpoint of tensors, numbers, strings, lists and dicts (loadable with weights_only)."""
+    """Atomically save a checkpoint of tensors, numbers, strings, lists and dicts (loadable with weights_only).
+
+    Saved through a file object, so the archive's inner folder is the fixed "archive" rather than the temporary file's
+    random name: the same state gives the same bytes (and sha256) wherever and whenever it is saved.
+    """
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
