@@ -74,6 +74,9 @@ def test_checkpoint_round_trip_and_weights_only(tmp_path):
     back = load_checkpoint(tmp_path / "c.pt")
     assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["step"] == 7 and back["names"] == ["a"]
     save_checkpoint(tmp_path / "other" / "d.pt", state)  # same state, other path: same bytes
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
     assert (tmp_path / "other" / "d.pt").read_bytes() == (tmp_path / "c.pt").read_bytes()
     torch.save({"obj": _Evil()}, tmp_path / "evil.pt")  # an arbitrary object needs unpickling: refused
     with pytest.raises(ValueError, match="evil.pt"):
