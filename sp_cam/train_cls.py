@@ -49,7 +49,6 @@ from sp_cam.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    save_config,
 )
 from sp_cam.inference import evaluate_split_confusion
 from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
@@ -58,7 +57,6 @@ from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
 from sp_cam.psam import psam_pool
 from sp_cam.runtime import (
-    configure_threads,
     derive_seed,
     restore_model_and_optimizer,
     rng_state,
@@ -655,15 +653,11 @@ def run(cfg: Config, model_type: str) -> Path:
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     sdir = stage_dir(paths, model_type)
     final = RunPaths.model(sdir)
-    if RunPaths.done(sdir).is_file():
-        log.info("%s: %s exists, stage already finished (%s)", model_type, RunPaths.done(sdir), final)
+    started = dist_utils.open_stage(cfg, sdir, model_type)
+    if started is None:
         return final
-    configure_threads(cfg.run.num_threads)
-    info, device = dist_utils.init_distributed(cfg.run.device)
+    info, device = started
     main = info.is_main
-    if main:
-        sdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, sdir / "config.yaml")
     layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
     num_classes = layout.num_classes
     cell = cfg.fcn.cell_size

@@ -45,13 +45,12 @@ from net.fcn_loss import FCNLoss
 from net.spixel_fcn import SpixelNet, load_spixel_weights
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import load_cam
-from sp_cam.config import Config, ConfigError, FCNConfig, config_to_dict, load_config, save_config
+from sp_cam.config import Config, ConfigError, FCNConfig, config_to_dict, load_config
 from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.paths import RunPaths
 from sp_cam.psam import asam, pad_to_multiple, psam_pool, psam_upsample, random_walk
 from sp_cam.runtime import (
-    configure_threads,
     derive_seed,
     restore_model_and_optimizer,
     rng_state,
@@ -365,15 +364,11 @@ def run(cfg: Config) -> Path:
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     sdir = paths.fcn
     final = RunPaths.model(sdir)
-    if RunPaths.done(sdir).is_file():
-        log.info("stage 1: %s exists, stage already finished (%s)", RunPaths.done(sdir), final)
+    started = dist_utils.open_stage(cfg, sdir, "stage 1")
+    if started is None:
         return final
-    configure_threads(cfg.run.num_threads)
-    info, device = dist_utils.init_distributed(cfg.run.device)
+    info, device = started
     main = info.is_main
-    if main:
-        sdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, sdir / "config.yaml")
 
     from data.datasets import EvalDataset, TrainDataset
     from data.voc_layout import open_dataset
