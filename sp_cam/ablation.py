@@ -19,16 +19,15 @@ Writes ``PSEUDO/ablation.json``, ``WORK_DIR/ablation.md`` and ``WORK_DIR/metrics
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from sp_cam.config import Config, ConfigError, load_config
+from sp_cam import cli
+from sp_cam.config import Config, load_config
 from sp_cam.io import atomic_write_json, atomic_write_text
 from sp_cam.make_pseudo import SELECTION_FILE, sum_confusions, t_values, th_values
 from sp_cam.metrics import iou_from_confusion
@@ -215,18 +214,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=str, required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(cli.stage_parser(__doc__, config_required=True), argv)
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         run(cfg)
         print(RunPaths.from_work_dir(cfg.run.work_dir).ablation_table.read_text())
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

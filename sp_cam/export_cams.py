@@ -12,9 +12,7 @@ Existing files are skipped, so an interrupted export continues; ``DONE`` is writ
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from data.datasets import EvalDataset
 from data.voc_layout import open_dataset
+from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import CAM_DTYPES, save_cam
 from sp_cam.config import Config, ConfigError, load_config, save_config
@@ -147,20 +146,17 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=str, default=None, help="YAML config file")
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--shard", type=str, default=None, help="i/n: process ids[i::n] only (default: torchrun rank)")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(parser, argv)
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         shard = dist_utils.parse_shard(args.shard) if args.shard else None
         setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).cams / LOG_FILE)
         run(cfg, shard)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

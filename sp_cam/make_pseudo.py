@@ -25,12 +25,10 @@ computed from the float16-rounded scores, so the PNGs match the reported mIoU ex
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.classes import IGNORE_INDEX
+from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config, ConfigError, PseudoConfig, load_config
 from sp_cam.inference import (
@@ -536,21 +535,15 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=str, required=True, help="YAML config file")
+    parser = cli.stage_parser(__doc__, config_required=True)
     parser.add_argument("--shard", type=str, default="", help="i/n: process only the ids i::n (0-based i)")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(parser, argv)
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
-        shard = dist_utils.parse_shard(args.shard) if args.shard else None
-        run(cfg, shard)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist_utils.cleanup()
-    return 0
+        run(cfg, dist_utils.parse_shard(args.shard) if args.shard else None)
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

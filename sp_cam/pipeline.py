@@ -9,7 +9,6 @@ steps and resumes the interrupted one from its last checkpoint. With ``--nproc N
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -17,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sp_cam import cli
 from sp_cam.config import Config, ConfigError, load_config, save_config
 from sp_cam.paths import RunPaths
 
@@ -119,21 +119,18 @@ def run(cfg: Config, steps: list[str] | None = None, nproc: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=str, default="scripts/configs/toy.yaml", help="YAML config file")
+    parser = cli.stage_parser(__doc__, config_default="scripts/configs/toy.yaml")
     parser.add_argument("--steps", type=str, default=",".join(STEPS), help=f"comma-separated subset of {STEPS}")
     parser.add_argument("--nproc", type=int, default=1, help="processes per step (torchrun) when > 1")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(parser, argv)
+
+    def body() -> None:
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
         run(cfg, parse_steps(args.steps), args.nproc)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_command(body, bad_input=(*cli.BAD_INPUT, RuntimeError))  # RuntimeError: a failed step process
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ closes the stage.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from data.voc_layout import VOCLayout, open_dataset
 from net.classifiers import build_classifier
 from net.cls_losses import eps_saliency_loss, multilabel_loss
 from net.spixel_fcn import build_spixel_fcn
+from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.config import (
     ClassifierConfig,
@@ -829,25 +828,17 @@ def _write_final(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("model_type", type=str, choices=MODEL_TYPES, help="cam (stage A) or spcam (stage 2)")
-    parser.add_argument("-c", "--config", type=str, default=None, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(parser, argv)
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         sdir = stage_dir(RunPaths.from_work_dir(cfg.run.work_dir), args.model_type)
         setup_logging(cfg.run.log_level, sdir / LOG_FILE)
         run(cfg, args.model_type)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist_utils.cleanup()
-    return 0
+
+    return cli.run_command(body, diverged=(TrainingDivergedError,))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,8 @@ closes the stage.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from tqdm import tqdm
 
 from net.fcn_loss import FCNLoss
 from net.spixel_fcn import SpixelNet, load_spixel_weights
+from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import load_cam
 from sp_cam.config import Config, ConfigError, FCNConfig, config_to_dict, load_config
@@ -528,23 +527,14 @@ def _write_final(state: TrainState, sdir: Path, cfg: Config, mode: str, num_clas
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=str, default=None, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", type=str, help="section.key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    try:
+    args = cli.parse_args(cli.stage_parser(__doc__), argv)
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).fcn / LOG_FILE)
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist_utils.cleanup()
-    return 0
+
+    return cli.run_command(body, diverged=(FloatingPointError,))
 
 
 if __name__ == "__main__":
