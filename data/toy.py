@@ -440,14 +440,3 @@ def make_toy_dataset(out: str | Path, num_train: int, num_val: int, image_size: 
             return out
         raise
     return out
-
-
-def ensure_toy_dataset(out: str | Path, toy_cfg: Any) -> Path:
-    """:func:`make_toy_dataset` with the fields of a ``ToyConfig`` (num_train, num_val, image_size, seed)."""
-    return make_toy_dataset(
-        out,
-        num_train=int(toy_cfg.num_train),
-        num_val=int(toy_cfg.num_val),
-        image_size=int(toy_cfg.image_size),
-        seed=int(toy_cfg.seed),
-    )

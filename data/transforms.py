@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from net.psam import CELL_SIZE
 
 FLIP_PROB = 0.5  # ref: RandomHorizontalFlip p = 0.5
 _CV_MAX_CHANNELS = 128  # cv2.resize fails on arrays with many channels (200 fails with OpenCV 5), so maps go in chunks
@@ -166,7 +167,7 @@ def random_crop_pad(
 # -------------------------------------------------------------------- inference
 
 
-def padded_size(h: int, w: int, scale: float, cell_size: int = 16) -> tuple[tuple[int, int], tuple[int, int]]:
+def padded_size(h: int, w: int, scale: float, cell_size: int = CELL_SIZE) -> tuple[tuple[int, int], tuple[int, int]]:
     """Target and padded sizes of a scale (spec 4 step 1).
 
     Returns:
@@ -177,7 +178,7 @@ def padded_size(h: int, w: int, scale: float, cell_size: int = 16) -> tuple[tupl
     return (th, tw), (math.ceil(th / cell_size) * cell_size, math.ceil(tw / cell_size) * cell_size)
 
 
-def inference_inputs(image: torch.Tensor, scale: float, cell_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def inference_inputs(image: torch.Tensor, scale: float, cell_size: int = CELL_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifier and superpixel-FCN inputs of one scale (spec 4 step 1, decision D17).
 
     The classifier input is resized twice (to ``round(H0*s)``, then up to the multiple of ``cell_size``), the FCN input

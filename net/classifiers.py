@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from net.backbones import build_backbone
-from sp_cam.psam import drm_redistribute
+from net.psam import CELL_SIZE, drm_redistribute
 
 NUM_CANDIDATES = 9  # 3x3 neighbour cells of the PSAM and of the DRM kernel (spec 0)
-CELL_SIZE = 16  # superpixel grid cell = output stride of the backbone (spec 0)
 LEAKY_SLOPE = 0.1  # ref: LeakyReLU(0.1) in get_qfeats conv blocks and get_tran_conv
 PSAM_DILATION = 16  # ref: first encoder conv samples the same position in neighbouring cells
 BIAS_LR_FACTOR = 2.0  # ref get_parameter_groups: biases at 2x the lr of their weights, no weight decay
 DEFAULT_CLASSIFIER_LR_MULT = 10.0  # ref train.py
 DEFAULT_DRM_ENCODER_LR_MULT = 10.0  # ref 800c6d5 (D2)
 DEFAULT_DRM_HEAD_LR_MULT = 500.0  # ref 800c6d5 (D2)
+DEFAULT_ENCODER_WIDTHS = (32, 32, 64, 128, 128)  # ref get_qfeats
+DEFAULT_HEAD_WIDTHS = (1024, 256, 128)  # ref get_tran_conv
 
 ParamGroup = dict[str, Any]
 
@@ -114,8 +115,8 @@ class SPCAMModel(CAMModel):
         self,
         backbone: nn.Module,
         num_classes: int,
-        encoder_widths: list[int] | tuple[int, ...] = (32, 32, 64, 128, 128),
-        head_widths: list[int] | tuple[int, ...] = (1024, 256, 128),
+        encoder_widths: list[int] | tuple[int, ...] = DEFAULT_ENCODER_WIDTHS,
+        head_widths: list[int] | tuple[int, ...] = DEFAULT_HEAD_WIDTHS,
         drm_border: str = "zero",
     ) -> None:
         super().__init__(backbone, num_classes)
@@ -233,26 +234,36 @@ class SPCAMModel(CAMModel):
 MODEL_TYPES = ("cam", "spcam")
 
 
-def build_classifier(model_type: str, ccfg: Any, num_classes: int, pretrained: str | None = None) -> CAMModel:
-    """Build the stage-A or stage-2 classifier from a ``ClassifierConfig``.
+def build_classifier(
+    model_type: str,
+    num_classes: int,
+    backbone: str,
+    pretrained: str = "",
+    *,
+    freeze_backbone: bool = False,
+    encoder_widths: list[int] | tuple[int, ...] = DEFAULT_ENCODER_WIDTHS,
+    head_widths: list[int] | tuple[int, ...] = DEFAULT_HEAD_WIDTHS,
+    drm_border: str = "zero",
+) -> CAMModel:
+    """Build the stage-A or stage-2 classifier.
 
     Args:
         model_type: ``"cam"`` or ``"spcam"``.
-        ccfg: a ``sp_cam.config.ClassifierConfig`` (fields backbone, pretrained, freeze_backbone,
-            drm_encoder_widths, drm_head_widths, drm_border are read).
         num_classes: K, the number of foreground classes.
-        pretrained: overrides ``ccfg.pretrained`` when not None (e.g. ``""`` when a full checkpoint is loaded next,
-            to skip reading backbone weights).
+        backbone: a name of :data:`net.backbones.BACKBONE_NAMES`.
+        pretrained: backbone weights, see :func:`net.backbones.build_backbone` (``""`` random init).
+        freeze_backbone: train only the heads.
+        encoder_widths, head_widths, drm_border: the DRM of the SP-CAM model (ignored for ``cam``).
     Returns:
         :class:`CAMModel` or :class:`SPCAMModel`.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-    backbone = build_backbone(ccfg.backbone, ccfg.pretrained if pretrained is None else pretrained)
+    features = build_backbone(backbone, pretrained)
     if model_type == "cam":
-        model: CAMModel = CAMModel(backbone, num_classes)
+        model: CAMModel = CAMModel(features, num_classes)
     else:
-        model = SPCAMModel(backbone, num_classes, ccfg.drm_encoder_widths, ccfg.drm_head_widths, ccfg.drm_border)
-    if ccfg.freeze_backbone:
+        model = SPCAMModel(features, num_classes, encoder_widths, head_widths, drm_border)
+    if freeze_backbone:
         model.freeze_backbone()
     return model

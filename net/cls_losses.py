@@ -4,13 +4,15 @@ Shape shorthand: B batch, K foreground classes, channel 0 of the logits is the b
 
 The saliency given to :func:`eps_saliency_loss` must already live on the logit grid: the CAM baseline resizes the
 saliency map to (h, w) with nearest interpolation (spec 3.0); SP-CAM uses the PSAM-pooled saliency
-``psam_pool(sal, Q)`` (spec 3.3). The trainer does that, not this module.
+``psam_pool(sal, Q)`` (spec 3.3). :func:`classifier_loss` does both and adds the terms as the trainer uses them.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from net.psam import CELL_SIZE, psam_pool
 
 OVERLAP_EPS = 1e-4  # ref SP_CAM_Loss: denominator guard of the class/saliency overlap
 FG_WEIGHT = 0.5  # ref EPS: saliency estimate = 0.5 * fg + 0.5 * bg
@@ -88,3 +90,39 @@ def eps_saliency_loss(
         raise ValueError(f"valid mask must have shape {tuple(sal.shape)}, got {tuple(valid.shape)}")
     v = valid.to(err.dtype)
     return (err * v).sum() / v.sum().clamp_min(1.0)
+
+
+def saliency_on_grid(
+    sal: torch.Tensor, psam: torch.Tensor | None, grid: tuple[int, int], cell_size: int = CELL_SIZE
+) -> torch.Tensor:
+    """(B, 1, S, S) saliency -> (B, 1, h, w): PSAM pooling for SP-CAM (spec 3.3), nearest resize for CAM (spec 3.0)."""
+    if psam is not None:
+        return psam_pool(sal, psam, cell_size=cell_size)
+    return F.interpolate(sal, size=tuple(grid), mode="nearest")
+
+
+def classifier_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    saliency: torch.Tensor | None,
+    psam: torch.Tensor | None,
+    alpha: float,
+    tau: float,
+    cell_size: int = CELL_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of stages A and 2: multilabel + ``alpha`` * EPS saliency loss (spec 3.4).
+
+    Args:
+        logits: (B, K+1, h, w) float32 (CAM or SP-CAM logits).
+        labels: (B, K) multi-hot.
+        saliency: (B, 1, S, S) in [0, 1], or None (labels-only mode: the saliency term is 0).
+        psam: (B, 9, S, S) for SP-CAM (the saliency is PSAM-pooled to the grid), None for the CAM baseline.
+    Returns:
+        (total, multilabel term, saliency term), scalars.
+    """
+    loss_cls = multilabel_loss(logits, labels)
+    loss_sal = logits.new_zeros(())
+    if saliency is not None:
+        sal_grid = saliency_on_grid(saliency, psam, logits.shape[-2:], cell_size)
+        loss_sal = eps_saliency_loss(logits, sal_grid, labels, tau)
+    return loss_cls + alpha * loss_sal, loss_cls, loss_sal

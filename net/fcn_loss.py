@@ -19,14 +19,12 @@ reconstruction sums, and cells that are mostly padding are ignored by the affini
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from sp_cam.psam import NUM_OFFSETS, asam, psam_pool, psam_upsample
+from net.psam import CELL_SIZE, NUM_OFFSETS, asam, psam_pool, psam_upsample
 
 LOG_EPS = 1e-8  # ref (SpixelFCN compute_semantic_pos_loss): log(R + 1e-8)
 LAB_UNIT = 100.0  # labels-only colour features: CIELAB divided by 100 (L in [0, 1], a and b roughly in [-1, 1])
@@ -131,7 +129,7 @@ class FCNLoss(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        cell_size: int = 16,
+        cell_size: int = CELL_SIZE,
         mode: str = "saliency",
         sal_threshold: float = 0.2,
         pos_weight: float = 0.003,
@@ -164,15 +162,6 @@ class FCNLoss(nn.Module):
         self.interior_min_same = interior_min_same
         self.press_weight = press_weight
         self.diff_weight = diff_weight
-
-    @classmethod
-    def from_config(cls, fcn_cfg: Any, num_classes: int, mode: str) -> FCNLoss:
-        """Build from an ``FCNConfig``-like object (duck-typed: ``net`` does not import the config module)."""
-        names = (
-            "sal_threshold pos_weight color_weight recon_weight th_bg th_step th_fg relu_t interior_min_same "
-            "press_weight diff_weight"
-        ).split()
-        return cls(num_classes, fcn_cfg.cell_size, mode, **{n: getattr(fcn_cfg, n) for n in names})
 
     def reconstruction(
         self, q: torch.Tensor, image: torch.Tensor, saliency: torch.Tensor | None, valid: torch.Tensor | None

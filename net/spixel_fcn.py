@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 LEAKY_SLOPE = 0.1  # ref (SpixelFCN model_util): LeakyReLU(0.1) after every conv
 KAIMING_A = 0.1  # ref: kaiming_normal_(weight, 0.1)
 NUM_CANDIDATES = 9  # PSAM channels: the 3x3 candidate cells
-DEFAULT_CELL = 16  # the encoder downsamples 4 times: inputs must be multiples of 2**4
+INPUT_MULTIPLE = 16  # the encoder downsamples 4 times: inputs must be multiples of 2**4
 UNUSED_HEADS = ("pred_mask1", "pred_mask2", "pred_mask3")  # present in published files, never used in forward
 
 
@@ -98,8 +98,8 @@ class SpixelNet(nn.Module):
         """(B, 3, H, W) -> PSAM (B, 9, H, W)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"SpixelNet expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
-        if x.shape[-2] % DEFAULT_CELL or x.shape[-1] % DEFAULT_CELL:
-            raise ValueError(f"SpixelNet input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {DEFAULT_CELL}; pad it")
+        if x.shape[-2] % INPUT_MULTIPLE or x.shape[-1] % INPUT_MULTIPLE:
+            raise ValueError(f"SpixelNet input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {INPUT_MULTIPLE}; pad it")
         c0 = self.conv0b(self.conv0a(x))
         c1 = self.conv1b(self.conv1a(c0))
         c2 = self.conv2b(self.conv2a(c1))

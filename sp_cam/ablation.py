@@ -29,13 +29,12 @@ import numpy as np
 from sp_cam import cli
 from sp_cam.config import Config, load_config
 from sp_cam.io import atomic_write_json, atomic_write_text
-from sp_cam.make_pseudo import SELECTION_FILE, sum_confusions, t_values, th_values
 from sp_cam.metrics import iou_from_confusion
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
+from sp_cam.score_store import sum_confusions, t_values, th_values
 
 log = logging.getLogger("spcam.ablation")
-
-ABLATION_FILE = "ablation.json"
 
 
 @dataclass
@@ -70,7 +69,7 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
     ts, ths = t_values(pcfg), th_values(pcfg)
     t_sel, th_sel = int(selection["t"]), float(selection["th"])
     keys = ["conf_psam", "conf_bilinear", "conf_cam", "conf_grid_ub", "conf_sp_ub"]
-    sums = sum_confusions(cfg, ids, keys, progress=True)
+    sums = sum_confusions(RunPaths.from_work_dir(cfg.run.work_dir), ids, keys, progress=True)
     num_gt = sums[f"conf_{pcfg.upsample}"][1]
 
     def note_for(key: str, reason: str) -> str:
@@ -183,10 +182,8 @@ def run(cfg: Config) -> dict[str, Any]:
     Returns:
         The ``metrics.json`` content.
     """
-    from data.voc_layout import open_dataset
-
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    sel_path = paths.pseudo / SELECTION_FILE
+    sel_path = paths.selection
     if not sel_path.is_file():
         raise FileNotFoundError(
             f"pseudo-label selection not found: {sel_path} (run python -m sp_cam.make_pseudo first)"
@@ -199,7 +196,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ids = open_dataset(cfg).ids(cfg.data.pseudo_split)
     rows, num_gt = build_rows(cfg, ids, selection)
     atomic_write_json(
-        paths.pseudo / ABLATION_FILE,
+        paths.ablation,
         {
             "split": cfg.data.pseudo_split,
             "num_gt_images": num_gt,

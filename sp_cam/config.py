@@ -2,21 +2,34 @@
 
 Every empirical constant of the method is a field below, with a comment saying where it comes from
 ("ref" = the published SP-CAM code). A config file or override naming an unknown key, or giving a value of the
-wrong type, is an error that lists the valid keys.
+wrong type, is an error that lists the valid keys; a choice field (a ``Literal``) lists its valid values. After
+loading, :func:`validate` checks every range and every rule between fields, so a bad value fails before any stage
+runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from net.backbones import BACKBONE_NAMES
+from net.psam import CELL_SIZE
+from net.spixel_fcn import INPUT_MULTIPLE
 from sp_cam.io import atomic_write_text
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+DatasetName = Literal["toy", "voc12", "coco14", "folder"]
+BackboneName = Literal[BACKBONE_NAMES]
+Selection = Literal["gt", "last"]
 
 
 class ConfigError(ValueError):
@@ -26,15 +39,15 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     work_dir: str = "work/toy"  # every output of a run goes under this folder
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by validate)
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "toy"  # toy | voc12 | coco14 | folder (any VOC-layout root)
+    dataset: DatasetName = "toy"  # folder: any VOC-layout root
     root: str = ""  # "" -> dataset_root.py for voc12/coco14, WORK_DIR/toy_data for toy
     saliency_dir: str = ""  # "" -> ROOT/saliency_map if present; "none" -> labels-only mode
     train_split: str = "train"  # stages A, 1, 2 train on it; step B exports CAMs for it
@@ -58,7 +71,7 @@ class ToyConfig:
 class FCNConfig:
     """Stage 1: superpixel FCN (SpixelNet) and its loss (ref: train_Q.py, QLoss)."""
 
-    cell_size: int = 16  # superpixel grid cell in pixels (ref: 16)
+    cell_size: int = CELL_SIZE  # superpixel grid cell in pixels (ref: 16)
     init: str = ""  # optional published SpixelFCN / Q weights to start from
     weights: str = ""  # use these trained FCN weights instead of training stage 1
     epochs: int = 150
@@ -68,7 +81,7 @@ class FCNConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     shuffle: bool = True  # ref: False (a defect, D3)
-    mode: str = "auto"  # auto | saliency | labels_only (auto: labels_only when there are no saliency maps)
+    mode: Literal["auto", "saliency", "labels_only"] = "auto"  # auto: labels_only when there are no saliency maps
     sal_threshold: float = 0.2  # ref: saliency/255 > 0.2 -> foreground
     pos_weight: float = 0.003  # ref: SpixelFCN position weight, divided by the cell size
     color_weight: float = 1.0  # labels-only mode: weight of the CIELAB reconstruction (SpixelFCN unsupervised)
@@ -81,7 +94,7 @@ class FCNConfig:
     press_weight: float = 1.0  # ref: L = L_p + 1 * L_press + 2 * L_diff
     diff_weight: float = 2.0
     affinity_warmup: float = 0.7  # ref: affinity terms only after 70 % of the iterations
-    select: str = "gt"  # gt: best stage-1 validation metric (ref, 5.3) | last: the last epoch
+    select: Selection = "gt"  # gt: best stage-1 validation metric (ref, 5.3) | last: the last epoch
     val_grid: int = 12  # ref (intended, 5.3): GT downsampled to 12x12 before reconstruction
     val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
     val_max_images: int = 0  # 0 = the whole eval split
@@ -93,7 +106,7 @@ class FCNConfig:
 class ClassifierConfig:
     """Stages A and 2: CAM baseline and SP-CAM classifier (ref: train.py)."""
 
-    backbone: str = "resnest50"  # resnet50 | resnet101 | resnest50 | resnest101 | efficientnet_lite0 | tiny
+    backbone: BackboneName = "resnest50"
     pretrained: str = ""  # "" random init (warns) | local .pth/.safetensors | "named" library source | "lite0-pypi"
     freeze_backbone: bool = False  # train only the heads on frozen features
     epochs: int = 12
@@ -101,7 +114,7 @@ class ClassifierConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (reproduce a 4-GPU batch on 1 GPU)
     lr: float = 0.01
     weight_decay: float = 4e-5
-    momentum: str = "reference"  # reference: 4e-5, the PolyOptimizer bug (D1) | intended: 0.9
+    momentum: Literal["reference", "intended"] = "reference"  # reference: 4e-5, the PolyOptimizer bug (D1) | 0.9
     nesterov: bool = True
     poly_power: float = 0.9
     classifier_lr_mult: float = 10.0  # ref: classifier weights at 10x
@@ -109,11 +122,11 @@ class ClassifierConfig:
     drm_head_lr_mult: float = 500.0  # ref (D2): kernel head at 500x
     drm_encoder_widths: list[int] = field(default_factory=lambda: [32, 32, 64, 128, 128])  # ref get_qfeats
     drm_head_widths: list[int] = field(default_factory=lambda: [1024, 256, 128])  # ref get_tran_conv
-    drm_border: str = "zero"  # zero (ref): border cells lose the mass of missing neighbours | replicate (extension)
+    drm_border: Literal["zero", "replicate"] = "zero"  # zero (ref): border cells lose the mass of missing neighbours
     alpha: float = 0.5  # ref: EPS saliency-loss weight
     tau: float = 0.4  # ref: EPS class-validity overlap threshold
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    select: str = "gt"  # gt: best eval mIoU (ref) | last: last epoch
+    amp: Literal["none", "bf16", "fp16"] = "none"  # CUDA only
+    select: Selection = "gt"  # gt: best eval mIoU (ref) | last: last epoch
     eval_t: list[int] = field(default_factory=lambda: [0, 20])  # ref in-training evaluation
     eval_th: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
     eval_max_images: int = 0  # 0 = the whole eval split
@@ -128,7 +141,7 @@ class ExportConfig:
 
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
-    dtype: str = "uint8"  # uint8 | float16
+    dtype: Literal["uint8", "float16"] = "uint8"
 
 
 @dataclass
@@ -139,11 +152,11 @@ class PseudoConfig:
     flip: bool = True
     t_list: list[int] = field(default_factory=lambda: [0, 20, 30, 40])
     th_list: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
-    select: str = "gt"  # gt: best (t, th) by GT mIoU on the split (ref, D8) | fixed: use t and th below
+    select: Literal["gt", "fixed"] = "gt"  # gt: best (t, th) by GT mIoU on the split (ref, D8) | fixed: t, th below
     t: int = 20
     th: float = 0.3
     renormalize_asam: bool = False  # D6: ref keeps the border mass loss
-    upsample: str = "psam"  # psam | bilinear
+    upsample: Literal["psam", "bilinear"] = "psam"
     ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
     save_scores: bool = False  # also write fused score maps (.npz)
     ablation: bool = True  # same pass: other upsampling, baseline CAM, superpixel upper bounds (images with GT)
@@ -169,6 +182,11 @@ def valid_keys(cfg: Config | None = None) -> list[str]:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a valid value; expected one of {', '.join(map(str, choices))}")
     if origin in (list, tuple):
         (item_hint,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):
@@ -207,7 +225,7 @@ def _set(cfg: Config, key: str, value: Any, source: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (two levels: section -> key), then ``section.key=value`` overrides."""
+    """Defaults, then the YAML file (two levels: section -> key), then ``section.key=value`` overrides; validated."""
     cfg = Config()
     if path:
         path = Path(path)
@@ -233,7 +251,79 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except yaml.YAMLError:
             value = text
         _set(cfg, key.strip(), value, "override")
+    validate(cfg)
     return cfg
+
+
+def _at_least(cfg: Config, keys: str, low: float) -> None:
+    for key in keys.split():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"{key}={value}: expected >= {low}")
+
+
+def _positive_list(cfg: Config, key: str) -> None:
+    section, name = key.split(".")
+    values = getattr(getattr(cfg, section), name)
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{key}={values}: expected a non-empty list of positive numbers")
+
+
+def validate(cfg: Config) -> None:
+    """Check every range and every rule between fields; raise ConfigError naming the key and the valid values."""
+    if not DEVICE_PATTERN.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device={cfg.run.device!r}: expected auto, cpu, cuda or cuda:N")
+    _at_least(cfg, "run.num_threads data.num_workers", 0)
+    _at_least(cfg, "data.crop_size data.resize_long_min", 1)
+    if cfg.data.resize_long_max < cfg.data.resize_long_min:
+        raise ConfigError(
+            f"data.resize_long_max={cfg.data.resize_long_max} must be >= data.resize_long_min={cfg.data.resize_long_min}"
+        )
+    if cfg.data.dataset == "toy":
+        _at_least(cfg, "toy.num_train toy.num_val", 1)
+        _at_least(cfg, "toy.image_size", 32)
+
+    f = cfg.fcn
+    _at_least(cfg, "fcn.cell_size fcn.epochs fcn.batch_size fcn.val_grid fcn.log_every", 1)
+    _at_least(cfg, "fcn.val_walk_steps fcn.weight_decay", 0)
+    if f.lr <= 0:
+        raise ConfigError(f"fcn.lr={f.lr}: expected > 0")
+    if not 0.0 <= f.affinity_warmup <= 1.0:
+        raise ConfigError(f"fcn.affinity_warmup={f.affinity_warmup}: expected a fraction in [0, 1]")
+    multiple = math.lcm(INPUT_MULTIPLE, f.cell_size)
+    if cfg.data.crop_size % multiple:
+        raise ConfigError(
+            f"data.crop_size={cfg.data.crop_size} must be a multiple of {multiple} (SpixelNet input multiple "
+            f"{INPUT_MULTIPLE}, fcn.cell_size={f.cell_size})"
+        )
+
+    for section in ("cam", "spcam"):
+        c: ClassifierConfig = getattr(cfg, section)
+        _at_least(cfg, " ".join(f"{section}.{k}" for k in ("epochs", "batch_size", "grad_accum", "log_every")), 1)
+        _at_least(cfg, f"{section}.eval_every {section}.weight_decay {section}.poly_power", 0)
+        if c.lr <= 0:
+            raise ConfigError(f"{section}.lr={c.lr}: expected > 0")
+        if c.select == "gt" and c.eval_every == 0:
+            raise ConfigError(f"{section}.select=gt picks the best evaluated epoch: it needs {section}.eval_every >= 1")
+        if c.eval_every and (not c.eval_th or (section == "spcam" and not c.eval_t)):
+            raise ConfigError(f"{section}.eval_t and {section}.eval_th must not be empty")
+        if len(c.drm_encoder_widths) != 5 or min(c.drm_encoder_widths) < 1:
+            raise ConfigError(f"{section}.drm_encoder_widths={c.drm_encoder_widths}: expected 5 positive integers")
+        if not c.drm_head_widths or min(c.drm_head_widths) < 1:
+            raise ConfigError(f"{section}.drm_head_widths={c.drm_head_widths}: expected positive integers")
+
+    _positive_list(cfg, "export.scales")
+
+    p = cfg.pseudo
+    _positive_list(cfg, "pseudo.scales")
+    if not p.t_list or min(p.t_list) < 0:
+        raise ConfigError(f"pseudo.t_list={p.t_list}: expected a non-empty list of walk steps >= 0")
+    if not p.th_list:
+        raise ConfigError("pseudo.th_list is empty: give at least one background threshold")
+    if p.select == "fixed" and p.t not in p.t_list:
+        raise ConfigError(f"pseudo.t={p.t} is not in pseudo.t_list={p.t_list} (pseudo.select=fixed)")
+    _at_least(cfg, "pseudo.ignore_band", 0)
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

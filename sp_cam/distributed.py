@@ -12,16 +12,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sp_cam.config import Config, ConfigError, save_config
-from sp_cam.paths import RunPaths
-from sp_cam.runtime import configure_threads, resolve_device
+from sp_cam.config import ConfigError
+from sp_cam.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +87,6 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
             **kwargs,
         )
         log.info("process group: backend %s, world size %d", backend, info.world_size)
-    return info, device
-
-
-def open_stage(cfg: Config, sdir: Path, label: str) -> tuple[DistInfo, torch.device] | None:
-    """Start a training stage in ``sdir``: None (and a log line) when its ``DONE`` marker exists; otherwise configure
-    the threads, join the process group (under torchrun) and, on rank 0, create ``sdir`` with the run's config.yaml.
-    """
-    if RunPaths.done(sdir).is_file():
-        log.info("%s: %s exists, stage already finished (%s)", label, RunPaths.done(sdir), RunPaths.model(sdir))
-        return None
-    configure_threads(cfg.run.num_threads)
-    info, device = init_distributed(cfg.run.device)
-    if info.is_main:
-        sdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, sdir / "config.yaml")
     return info, device
 
 

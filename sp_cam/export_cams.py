@@ -21,37 +21,22 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.datasets import EvalDataset
-from data.voc_layout import open_dataset
 from sp_cam import cli
 from sp_cam import distributed as dist_utils
-from sp_cam.cam_store import CAM_DTYPES, save_cam
-from sp_cam.config import Config, ConfigError, load_config, save_config
+from sp_cam.cam_store import save_cam
+from sp_cam.config import Config, load_config, save_config
 from sp_cam.inference import infer_present
 from sp_cam.io import atomic_write_text
+from sp_cam.models import check_num_classes, load_classifier
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import configure_threads, resolve_device, setup_logging
-from sp_cam.train_cls import load_classifier
 
 log = logging.getLogger("sp_cam.export_cams")
 
-LOG_FILE = "export.log"
-
-
-def cam_path(cams_dir: Path, image_id: str) -> Path:
-    return cams_dir / f"{image_id}.npz"
-
-
-def missing_ids(cams_dir: Path, ids: list[str]) -> list[str]:
+def missing_ids(paths: RunPaths, ids: list[str]) -> list[str]:
     """The ids without a CAM file, in order."""
-    return [i for i in ids if not cam_path(cams_dir, i).is_file()]
-
-
-def check_export_config(cfg: Config) -> None:
-    e = cfg.export
-    if e.dtype not in CAM_DTYPES:
-        raise ConfigError(f"export.dtype: unknown value {e.dtype!r}; expected one of {', '.join(CAM_DTYPES)}")
-    if not e.scales or min(e.scales) <= 0:
-        raise ConfigError(f"export.scales must be positive numbers, got {e.scales}")
+    return [i for i in ids if not paths.cam_file(i).is_file()]
 
 
 def export_one(model: torch.nn.Module, item: dict, out: Path, cfg: Config) -> None:
@@ -84,7 +69,6 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
     Args:
         shard: (i, n) to process ``ids[i::n]`` only; default: RANK / WORLD_SIZE under torchrun, else everything.
     """
-    check_export_config(cfg)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     out_dir = paths.cams
     done = RunPaths.done(out_dir)
@@ -104,18 +88,14 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
     if not weights.is_file():
         raise FileNotFoundError(f"baseline CAM weights not found: {weights} (run python -m sp_cam.train_cls cam first)")
     model = load_classifier(weights, "cam", device)
-    if model.num_classes != layout.num_classes:
-        raise ValueError(
-            f"{weights}: a model of {model.num_classes} classes cannot export CAMs for {layout.num_classes} classes "
-            f"({layout.root})"
-        )
+    check_num_classes(model, weights, layout.num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
+        save_config(cfg, RunPaths.stage_config(out_dir))
 
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     mine = dist_utils.shard(dataset.ids, rank, world)
-    todo = missing_ids(out_dir, mine)
+    todo = missing_ids(paths, mine)
     log.info(
         "export: %d ids in %r, shard %d/%d has %d, %d to do (scales %s, flip %s, %s)",
         len(dataset.ids),
@@ -133,10 +113,10 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
     items = DataLoader(Subset(dataset, [index[i] for i in todo]), batch_size=None, num_workers=cfg.data.num_workers)
     bar = tqdm(items, total=len(todo), desc=f"export {rank}/{world}", unit="img", disable=rank != 0 and world > 1)
     for n, item in enumerate(bar, 1):
-        export_one(model, item, cam_path(out_dir, item["id"]), cfg)
+        export_one(model, item, paths.cam_file(item["id"]), cfg)
         bar.set_postfix(img_s=f"{n / max(time.time() - start, 1e-9):.2f}")
     bar.close()
-    left = missing_ids(out_dir, dataset.ids)
+    left = missing_ids(paths, dataset.ids)
     if left:
         log.info("export: shard %d/%d finished; %d ids of other shards still missing", rank, world, len(left))
     else:
@@ -153,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
         shard = dist_utils.parse_shard(args.shard) if args.shard else None
-        setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).cams / LOG_FILE)
+        setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).export_log)
         run(cfg, shard)
 
     return cli.run_command(body)

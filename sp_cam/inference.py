@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.transforms import inference_inputs, padded_size
+from net.psam import CELL_SIZE, asam, psam_upsample, random_walk_multi
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
-from sp_cam.psam import asam, psam_upsample, random_walk_multi
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def scaled_size(size: tuple[int, int], scale: float, cell_size: int = 16) -> tuple[int, int]:
+def scaled_size(size: tuple[int, int], scale: float, cell_size: int = CELL_SIZE) -> tuple[int, int]:
     """Spec 4 step 1: ``round(H0 * s)`` rounded up to a multiple of ``cell_size`` (same for W)."""
     return padded_size(int(size[0]), int(size[1]), scale, cell_size)[1]
 
@@ -106,7 +106,7 @@ def infer_present(
     t_list: Sequence[int] = (0,),
     upsamples: Sequence[str] = ("psam",),
     renormalize_asam: bool = False,
-    cell_size: int = 16,
+    cell_size: int = CELL_SIZE,
     keep_psam: bool = False,
 ) -> FusedScores:
     """Fused scores of the image's present classes for every (upsample mode, t); the networks run once per scale.
@@ -257,7 +257,7 @@ def infer_scores(
     t_list: Sequence[int] = (0,),
     upsample: str = "psam",
     renormalize_asam: bool = False,
-    cell_size: int = 16,
+    cell_size: int = CELL_SIZE,
 ) -> dict[int, torch.Tensor]:
     """Dense fused score maps of one image for every t (see :func:`infer_present` for the arguments).
 
@@ -320,7 +320,7 @@ def evaluate_split_confusion(
     indices: Sequence[int] | None = None,
     upsample: str = "psam",
     renormalize_asam: bool = False,
-    cell_size: int = 16,
+    cell_size: int = CELL_SIZE,
     progress: bool = False,
 ) -> dict[tuple[int, float], np.ndarray]:
     """Confusion matrices ((K+1) x (K+1) int64) per (t, th) over a split, in one pass (sum them across ranks).
@@ -410,7 +410,7 @@ def best_pair(results: dict[tuple[int, float], IoUResult]) -> tuple[tuple[int, f
     return key, results[key]
 
 
-def grid_ids(size: tuple[int, int], cell_size: int = 16) -> torch.Tensor:
+def grid_ids(size: tuple[int, int], cell_size: int = CELL_SIZE) -> torch.Tensor:
     """Hard grid segments: (H, W) int64 index of each pixel's ``cell_size`` x ``cell_size`` cell."""
     H, W = size
     cols = -(-W // cell_size)
@@ -419,7 +419,7 @@ def grid_ids(size: tuple[int, int], cell_size: int = 16) -> torch.Tensor:
     return ys[:, None] * cols + xs[None, :]
 
 
-def superpixel_ids(psam: torch.Tensor, size: tuple[int, int] | None = None, cell_size: int = 16) -> torch.Tensor:
+def superpixel_ids(psam: torch.Tensor, size: tuple[int, int] | None = None, cell_size: int = CELL_SIZE) -> torch.Tensor:
     """Hard superpixels of a PSAM: each pixel joins its most associated candidate cell ``c(p) + o_k``.
 
     Args:

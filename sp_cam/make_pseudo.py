@@ -16,10 +16,7 @@ Two phases, both resumable:
    (palette PNGs, values 0..K; 255 where the top-2 margin is below ``pseudo.ignore_band`` if that is > 0).
    ``pseudo.save_scores`` adds the fused maps of the chosen t as ``PSEUDO/score_maps/<id>.npz`` (cam_store format).
 
-Scores file ``<id>.npz`` (no pickle): ``classes`` (n,) int16 present classes 1..K; ``size`` (2,) int32 (H0, W0);
-``t_list`` (T,) int32; ``th_list`` (TH,) float32; ``upsample`` str; ``signature`` str (the settings, JSON); ``scores`` (T, n, H0, W0) float16 in [0, 1];
-where the image has GT: ``conf_<mode>`` (T, TH, K+1, K+1) int64 per upsampling mode computed, optionally ``conf_cam``
-(TH, K+1, K+1), ``conf_grid_ub`` and ``conf_sp_ub`` (K+1, K+1). The labels and their confusion matrices are both
+The per-image scores files are :mod:`sp_cam.score_store`'s format. The labels and their confusion matrices are both
 computed from the float16-rounded scores, so the PNGs match the reported mIoU exactly.
 """
 
@@ -31,19 +28,17 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from data.classes import IGNORE_INDEX
 from sp_cam import cli
 from sp_cam import distributed as dist_utils
-from sp_cam.config import Config, ConfigError, PseudoConfig, load_config
+from sp_cam.config import Config, PseudoConfig, load_config
 from sp_cam.inference import (
     UPSAMPLE_MODES,
     best_pair,
@@ -53,85 +48,24 @@ from sp_cam.inference import (
     majority_labels,
     superpixel_ids,
 )
-from sp_cam.io import atomic_write, atomic_write_json, atomic_write_text, write_label_png
+from sp_cam.io import atomic_write_json, atomic_write_text, write_label_png
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
+from sp_cam.models import Stage3Models, fcn_weights_path, load_stage3_models
 from sp_cam.paths import RunPaths
+from sp_cam.score_store import (
+    TH_DECIMALS,
+    fused_at,
+    has_signature,
+    load_scores,
+    save_scores,
+    sum_confusions,
+    t_values,
+    th_values,
+)
 
 log = logging.getLogger("spcam.make_pseudo")
 
-SCORES_DIR = "scores"
-SCORE_MAPS_DIR = "score_maps"
-SELECTION_FILE = "selection.json"
-SWEEP_FILE = "sweep.json"
-SELECT_MODES = ("gt", "fixed")
 FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a weights file
-TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, spec 4)
-
-
-@dataclass
-class Models:
-    """The networks of stage 3, in eval mode on one device."""
-
-    spcam: nn.Module
-    fcn: nn.Module
-    cam: nn.Module | None = None
-
-
-# ----------------------------------------------------------------------------------------------------------- set-up
-
-
-def check_pseudo_config(pcfg: PseudoConfig) -> None:
-    """Raise ConfigError naming the first bad ``pseudo.*`` value."""
-    if pcfg.select not in SELECT_MODES:
-        raise ConfigError(f"pseudo.select={pcfg.select!r}: expected one of {', '.join(SELECT_MODES)}")
-    if pcfg.upsample not in UPSAMPLE_MODES:
-        raise ConfigError(f"pseudo.upsample={pcfg.upsample!r}: expected one of {', '.join(UPSAMPLE_MODES)}")
-    if not pcfg.t_list or min(pcfg.t_list) < 0:
-        raise ConfigError(f"pseudo.t_list={pcfg.t_list}: expected a non-empty list of walk steps >= 0")
-    if not pcfg.th_list:
-        raise ConfigError("pseudo.th_list is empty: give at least one background threshold")
-    if not pcfg.scales or min(pcfg.scales) <= 0:
-        raise ConfigError(f"pseudo.scales={pcfg.scales}: expected a non-empty list of positive scales")
-    if pcfg.select == "fixed" and pcfg.t not in pcfg.t_list:
-        raise ConfigError(f"pseudo.t={pcfg.t} is not in pseudo.t_list={pcfg.t_list} (select=fixed)")
-    if pcfg.ignore_band < 0:
-        raise ConfigError(f"pseudo.ignore_band={pcfg.ignore_band}: expected >= 0")
-
-
-def t_values(pcfg: PseudoConfig) -> list[int]:
-    return sorted(set(int(t) for t in pcfg.t_list))
-
-
-def th_values(pcfg: PseudoConfig) -> list[float]:
-    """The swept thresholds, rounded and sorted."""
-    return sorted(set(round(float(th), TH_DECIMALS) for th in pcfg.th_list))
-
-
-def load_models(cfg: Config, device: torch.device, num_classes: int, need_cam: bool = False) -> Models:
-    """SP-CAM classifier, frozen superpixel FCN and (``need_cam``, if trained) the baseline CAM model, in eval mode."""
-    from sp_cam.train_cls import fcn_weights_path, load_classifier, load_frozen_fcn
-
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    spcam_path = RunPaths.model(paths.spcam)
-    if not spcam_path.is_file():
-        raise FileNotFoundError(f"SP-CAM weights not found: {spcam_path} (train stage 2 first: sp_cam.train_cls spcam)")
-    spcam = load_classifier(spcam_path, "spcam", device)
-    _check_classes(spcam, spcam_path, num_classes)
-    fcn = load_frozen_fcn(fcn_weights_path(cfg, paths), device)
-    cam = None
-    cam_path = RunPaths.model(paths.cam)
-    if need_cam and cam_path.is_file():
-        cam = load_classifier(cam_path, "cam", device)
-        _check_classes(cam, cam_path, num_classes)
-    elif need_cam:
-        log.info("no baseline CAM model at %s: the ablation's CAM row will be empty", cam_path)
-    return Models(spcam, fcn, cam)
-
-
-def _check_classes(model: nn.Module, path: Path, num_classes: int) -> None:
-    k = getattr(model, "num_classes", num_classes)
-    if k != num_classes:
-        raise ValueError(f"{path}: a model of {k} classes cannot label a dataset of {num_classes} classes")
 
 
 # ----------------------------------------------------------------------------------------------------------- phase 1
@@ -144,7 +78,7 @@ def _confusions(fused: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, 
 
 
 def process_image(
-    models: Models, item: dict[str, Any], pcfg: PseudoConfig, cell_size: int, extras: bool
+    models: Stage3Models, item: dict[str, Any], pcfg: PseudoConfig, cell_size: int, extras: bool
 ) -> dict[str, np.ndarray]:
     """Everything phase 1 stores for one image (see the module docstring for the keys).
 
@@ -202,16 +136,6 @@ def process_image(
     return out
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomic ``np.savez_compressed``."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(path, write)
-
-
 def file_fingerprint(path: Path) -> str:
     """Size plus a SHA-1 of the first and last MiB: tells retrained weights apart without reading whole files."""
     size = path.stat().st_size
@@ -226,15 +150,13 @@ def file_fingerprint(path: Path) -> str:
 
 def weights_fingerprint(cfg: Config) -> dict[str, str]:
     """Fingerprints of the weights stage 3 uses (SP-CAM, FCN and, if present, the baseline CAM)."""
-    from sp_cam.train_cls import fcn_weights_path
-
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     files = {"spcam": RunPaths.model(paths.spcam), "cam": RunPaths.model(paths.cam)}
     out = {k: file_fingerprint(p) for k, p in files.items() if p.is_file()}
     try:
-        out["fcn"] = file_fingerprint(fcn_weights_path(cfg, paths))
+        out["fcn"] = file_fingerprint(fcn_weights_path(cfg))
     except FileNotFoundError:
-        pass  # reported by load_models when the scores are computed
+        pass  # reported by load_stage3_models when the scores are computed
     return out
 
 
@@ -256,28 +178,18 @@ def score_signature(cfg: Config) -> str:
     )
 
 
-def _stored_ok(path: Path, signature: str) -> bool:
-    """A finished scores file made with the same settings."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z["signature"]) == signature
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device, progress: bool = True) -> int:
     """Phase 1 for ``ids`` (one shard): write every missing ``scores/<id>.npz``. Returns the number computed."""
     from data.datasets import EvalDataset
 
     pcfg = cfg.pseudo
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    out_dir = paths.pseudo / SCORES_DIR
     signature = score_signature(cfg)
-    todo = [i for i in ids if not _stored_ok(out_dir / f"{i}.npz", signature)]
+    todo = [i for i in ids if not has_signature(paths.scores_file(i), signature)]
     log.info("scores: %d of %d images of this shard to compute", len(todo), len(ids))
     if not todo:
         return 0
-    models = load_models(cfg, device, layout.num_classes, need_cam=pcfg.ablation)
+    models = load_stage3_models(cfg, device, layout.num_classes, need_cam=pcfg.ablation)
     dataset = EvalDataset(layout, cfg.data.pseudo_split)
     index = {image_id: k for k, image_id in enumerate(dataset.ids)}
     subset = torch.utils.data.Subset(dataset, [index[i] for i in todo])
@@ -287,7 +199,7 @@ def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device
     for item in bar:
         arrays = process_image(models, item, pcfg, cfg.fcn.cell_size, pcfg.ablation)
         arrays["signature"] = np.asarray(signature)
-        save_npz(out_dir / f"{item['id']}.npz", arrays)
+        save_scores(paths.scores_file(item["id"]), arrays)
     log.info(
         "scores: %d images in %.1f s (%.2f img/s)", len(todo), time.time() - start, len(todo) / (time.time() - start)
     )
@@ -297,41 +209,11 @@ def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device
 # ----------------------------------------------------------------------------------------------------------- phase 2
 
 
-def load_scores(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"scores file not found: {path} (run the score phase of sp_cam.make_pseudo)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def sum_confusions(
-    cfg: Config, ids: Sequence[str], keys: Sequence[str], progress: bool = False
-) -> dict[str, tuple[np.ndarray | None, int]]:
-    """Sum the stored per-image matrices of each key over ``ids`` in one pass over the files.
-
-    Returns:
-        {key: (sum, or None when no image has the key; number of images that have it)}.
-    """
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    totals: dict[str, tuple[np.ndarray | None, int]] = {k: (None, 0) for k in keys}
-    for image_id in tqdm(ids, desc="confusion matrices", unit="img", disable=not progress):
-        path = paths.pseudo / SCORES_DIR / f"{image_id}.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"scores file not found: {path} (run sp_cam.make_pseudo first)")
-        with np.load(path, allow_pickle=False) as z:
-            for key in keys:
-                if key in z.files:
-                    c = z[key].astype(np.int64)
-                    total, count = totals[key]
-                    totals[key] = (c if total is None else total + c, count + 1)
-    return totals
-
-
 def sweep(cfg: Config, ids: Sequence[str]) -> tuple[dict[tuple[int, float], IoUResult], int]:
     """mIoU of every (t, th) pair over the images with GT, from the stored per-image confusion matrices."""
     pcfg = cfg.pseudo
     key = f"conf_{pcfg.upsample}"
-    conf, count = sum_confusions(cfg, ids, [key], progress=True)[key]
+    conf, count = sum_confusions(RunPaths.from_work_dir(cfg.run.work_dir), ids, [key], progress=True)[key]
     if conf is None:
         return {}, 0
     return pair_results(conf, t_values(pcfg), th_values(pcfg)), count
@@ -366,11 +248,7 @@ def select_pair(cfg: Config, results: dict[tuple[int, float], IoUResult]) -> dic
 
 def labels_for(arrays: dict[str, np.ndarray], t: int, th: float, ignore_band: float) -> np.ndarray:
     """(H0, W0) uint8 pseudo label of one stored image at (t, th); 255 where the top-2 margin is below the band."""
-    ts = arrays["t_list"].tolist()
-    if t not in ts:
-        raise ValueError(f"t={t} is not among the stored walk steps {ts}")
-    fused = torch.from_numpy(arrays["scores"][ts.index(t)].astype(np.float32))
-    classes = torch.from_numpy(arrays["classes"].astype(np.int64))
+    classes, fused = fused_at(arrays, t)
     label = labels_from_present(fused, classes, th)
     if ignore_band > 0 and classes.numel():
         # the competitors of every pixel: background at th, then the present classes
@@ -389,13 +267,13 @@ def write_outputs(cfg: Config, ids: Sequence[str], selection: dict[str, Any], pr
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     t, th = int(selection["t"]), float(selection["th"])
     for image_id in tqdm(ids, desc="pseudo labels", unit="img", disable=not progress):
-        png = paths.pseudo_labels / f"{image_id}.png"
-        maps = paths.pseudo / SCORE_MAPS_DIR / f"{image_id}.npz"
+        png = paths.pseudo_label(image_id)
+        maps = paths.score_map(image_id)
         need_png = not png.is_file()
         need_maps = pcfg.save_scores and not maps.is_file()
         if not (need_png or need_maps):
             continue
-        arrays = load_scores(paths.pseudo / SCORES_DIR / f"{image_id}.npz")
+        arrays = load_scores(paths.scores_file(image_id))
         if need_png:
             write_label_png(png, labels_for(arrays, t, th, pcfg.ignore_band))
         if need_maps:
@@ -414,7 +292,7 @@ def _selection_key(cfg: Config) -> dict[str, Any]:
 
 def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float) -> IoUResult:
     """mIoU of one (t, th) pair from the stored scores and the GT masks (a pair outside the stored sweep)."""
-    from data.voc_layout import open_dataset
+    from sp_cam.open_data import open_dataset
 
     layout = open_dataset(cfg)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
@@ -423,7 +301,7 @@ def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float) -> IoUResult:
         mask = layout.load_mask(image_id)
         if mask is None:
             continue
-        arrays = load_scores(paths.pseudo / SCORES_DIR / f"{image_id}.npz")
+        arrays = load_scores(paths.scores_file(image_id))
         conf += confusion_matrix(labels_for(arrays, t, th, 0.0), mask, layout.num_classes + 1)
     return iou_from_confusion(conf)
 
@@ -452,14 +330,14 @@ def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = 
         "upsample": pcfg.upsample,
         "pairs": [{"t": t, "th": th, "miou": r.miou, "fg_miou": r.fg_miou} for (t, th), r in sorted(results.items())],
     }
-    atomic_write_json(paths.pseudo / SWEEP_FILE, sweep_record)
-    previous = _read_json(paths.pseudo / SELECTION_FILE)
+    atomic_write_json(paths.sweep, sweep_record)
+    previous = _read_json(paths.selection)
     same = previous is not None and all(previous.get(k) == record[k] for k in ("t", "th", "ignore_band", "config"))
     if not same:  # labels of another selection are stale: remove them before recording the new one (crash-safe)
         for image_id in ids:
-            (paths.pseudo_labels / f"{image_id}.png").unlink(missing_ok=True)
-            (paths.pseudo / SCORE_MAPS_DIR / f"{image_id}.npz").unlink(missing_ok=True)
-    atomic_write_json(paths.pseudo / SELECTION_FILE, record)
+            paths.pseudo_label(image_id).unlink(missing_ok=True)
+            paths.score_map(image_id).unlink(missing_ok=True)
+    atomic_write_json(paths.selection, record)
     if choice["miou"] is not None:
         log.info("selected t=%d th=%.2f (%s): mIoU %.2f on %d images", choice["t"], choice["th"], pcfg.select,
                  choice["miou"], num_gt)  # fmt: skip
@@ -497,17 +375,16 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     Returns:
         The selection record (``t``, ``th``, ``select``, ``miou`` ...), or {} for a shard that left phase 2 to others.
     """
-    from data.voc_layout import open_dataset
+    from sp_cam.open_data import open_dataset
     from sp_cam.runtime import configure_threads, setup_logging
 
-    check_pseudo_config(cfg.pseudo)
     info, device = dist_utils.init_distributed(cfg.run.device)
     configure_threads(cfg.run.num_threads)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    setup_logging(cfg.run.log_level, paths.root / "pseudo.log", rank=info.rank)
+    setup_logging(cfg.run.log_level, paths.pseudo_log, rank=info.rank)
     if is_done(cfg):
         log.info("pseudo labels already written (%s)", RunPaths.done(paths.pseudo))
-        return _read_json(paths.pseudo / SELECTION_FILE) or {}
+        return _read_json(paths.selection) or {}
     rank, world = shard if shard is not None else (info.rank, info.world_size)
     layout = open_dataset(cfg)
     ids = layout.ids(cfg.data.pseudo_split)
@@ -519,11 +396,11 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
         if info.is_main:
             record = finalize(cfg, ids, write_ids=[])
         dist_utils.barrier()
-        record = _read_json(paths.pseudo / SELECTION_FILE) or {}
+        record = _read_json(paths.selection) or {}
         write_outputs(cfg, mine, record, progress=info.is_main)
         dist_utils.barrier()
     else:
-        missing = [i for i in ids if not (paths.pseudo / SCORES_DIR / f"{i}.npz").is_file()]
+        missing = [i for i in ids if not paths.scores_file(i).is_file()]
         if missing:
             log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
             return {}

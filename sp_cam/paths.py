@@ -1,9 +1,11 @@
-"""Where a run writes: the one owner of the work-directory layout."""
+"""Where a run writes: the one owner of the work-directory layout (every folder and file name of a run)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+TRAINING_STAGES = ("cam", "fcn", "spcam")  # stage folders written by the training engine
 
 
 @dataclass(frozen=True)
@@ -16,21 +18,37 @@ class RunPaths:
     def from_work_dir(cls, work_dir: str | Path) -> RunPaths:
         return cls(Path(work_dir))
 
+    # ------------------------------------------------------------------------------------------------ the run
+
     @property
-    def config(self) -> Path:
+    def config(self) -> Path:  # resolved config of the pipeline run
         return self.root / "config.yaml"
+
+    @property
+    def pipeline_log(self) -> Path:
+        return self.root / "pipeline.log"
 
     @property
     def toy_data(self) -> Path:
         return self.root / "toy_data"
 
     @property
-    def cam(self) -> Path:  # stage A: CAM baseline training
-        return self.root / "cam"
+    def metrics(self) -> Path:  # final summary of the pipeline
+        return self.root / "metrics.json"
 
     @property
-    def cams(self) -> Path:  # step B: exported baseline CAMs (<id>.npz)
-        return self.root / "cams"
+    def ablation_table(self) -> Path:
+        return self.root / "ablation.md"
+
+    @property
+    def figures(self) -> Path:  # figures rendered from the run (tools/visualize.py)
+        return self.root / "figures"
+
+    # ------------------------------------------------------------------------------------- training stages
+
+    @property
+    def cam(self) -> Path:  # stage A: CAM baseline training
+        return self.root / "cam"
 
     @property
     def fcn(self) -> Path:  # stage 1: superpixel FCN training
@@ -40,21 +58,11 @@ class RunPaths:
     def spcam(self) -> Path:  # stage 2: SP-CAM training
         return self.root / "spcam"
 
-    @property
-    def pseudo(self) -> Path:  # stage 3: scores, sweep, ablation
-        return self.root / "pseudo"
-
-    @property
-    def pseudo_labels(self) -> Path:  # stage 3: final pseudo-label PNGs (<id>.png)
-        return self.root / "pseudo_labels"
-
-    @property
-    def metrics(self) -> Path:  # final summary of the pipeline
-        return self.root / "metrics.json"
-
-    @property
-    def ablation_table(self) -> Path:
-        return self.root / "ablation.md"
+    def stage(self, name: str) -> Path:
+        """The folder of training stage ``name`` (one of ``TRAINING_STAGES``)."""
+        if name not in TRAINING_STAGES:
+            raise ValueError(f"unknown training stage {name!r}; expected one of {', '.join(TRAINING_STAGES)}")
+        return self.root / name
 
     @staticmethod
     def model(stage_dir: Path) -> Path:
@@ -67,5 +75,84 @@ class RunPaths:
         return stage_dir / "last.pt"
 
     @staticmethod
+    def best_checkpoint(stage_dir: Path) -> Path:
+        """Weights of the best evaluated epoch so far (``select: gt``)."""
+        return stage_dir / "best.pt"
+
+    @staticmethod
+    def metrics_log(stage_dir: Path) -> Path:
+        """JSON-lines training and evaluation records of a stage."""
+        return stage_dir / "metrics.jsonl"
+
+    @staticmethod
+    def train_log(stage_dir: Path) -> Path:
+        return stage_dir / "train.log"
+
+    @staticmethod
+    def stage_config(stage_dir: Path) -> Path:
+        """The resolved config a stage ran with."""
+        return stage_dir / "config.yaml"
+
+    @staticmethod
+    def tensorboard(stage_dir: Path) -> Path:
+        return stage_dir / "tensorboard"
+
+    @staticmethod
     def done(stage_dir: Path) -> Path:
         return stage_dir / "DONE"
+
+    # ------------------------------------------------------------------------------------------- step B
+
+    @property
+    def cams(self) -> Path:  # step B: exported baseline CAMs (<id>.npz)
+        return self.root / "cams"
+
+    def cam_file(self, image_id: str) -> Path:
+        return self.cams / f"{image_id}.npz"
+
+    @property
+    def export_log(self) -> Path:
+        return self.cams / "export.log"
+
+    # ------------------------------------------------------------------------------------------- stage 3
+
+    @property
+    def pseudo(self) -> Path:  # stage 3: scores, sweep, selection, ablation
+        return self.root / "pseudo"
+
+    @property
+    def pseudo_log(self) -> Path:
+        return self.root / "pseudo.log"
+
+    @property
+    def scores(self) -> Path:  # stage 3: per-image scores and confusion matrices (sp_cam.score_store)
+        return self.pseudo / "scores"
+
+    def scores_file(self, image_id: str) -> Path:
+        return self.scores / f"{image_id}.npz"
+
+    @property
+    def score_maps(self) -> Path:  # stage 3 (pseudo.save_scores): fused maps of the chosen t (cam_store format)
+        return self.pseudo / "score_maps"
+
+    def score_map(self, image_id: str) -> Path:
+        return self.score_maps / f"{image_id}.npz"
+
+    @property
+    def selection(self) -> Path:  # the chosen (t, th) and how
+        return self.pseudo / "selection.json"
+
+    @property
+    def sweep(self) -> Path:  # mIoU of every (t, th)
+        return self.pseudo / "sweep.json"
+
+    @property
+    def ablation(self) -> Path:
+        return self.pseudo / "ablation.json"
+
+    @property
+    def pseudo_labels(self) -> Path:  # stage 3: final pseudo-label PNGs (<id>.png)
+        return self.root / "pseudo_labels"
+
+    def pseudo_label(self, image_id: str) -> Path:
+        return self.pseudo_labels / f"{image_id}.png"

@@ -88,13 +88,13 @@ def run_step_distributed(config_file: Path, step: str, nproc: int) -> None:
 
 def run(cfg: Config, steps: list[str] | None = None, nproc: int = 1) -> dict:
     """Run the given steps (all by default) and return the final metrics."""
-    from data.voc_layout import open_dataset
+    from sp_cam.open_data import open_dataset
     from sp_cam.runtime import setup_logging
 
     steps = list(steps or STEPS)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.run.log_level, paths.root / "pipeline.log")
+    setup_logging(cfg.run.log_level, paths.pipeline_log)
     if "fcn" in steps and cfg.fcn.weights:
         log.info("stage 1 skipped: using the FCN weights %s", cfg.fcn.weights)
         steps.remove("fcn")

@@ -4,7 +4,7 @@ This is what users of the IRN family run after their CAMs: pairwise affinities b
 1/4-resolution grid that lie within a radius of 5, raised to a power beta, normalised into a transition matrix,
 and the transition matrix raised to ``2^8`` by repeated squaring of the dense ``N x N`` matrix (AffinityNet
 ``infer_aff.py``, IRN ``misc/indexing.py: propagate_to_edge``). It is kept here only to measure its cost
-(``tools/benchmark.py``); the pipeline walks on superpixels (:mod:`sp_cam.psam`).
+(``tools/benchmark.py``); the pipeline walks on superpixels (:mod:`net.psam`).
 
 Shape shorthand
     C: number of score channels (classes)

@@ -8,104 +8,48 @@ reconstruction loss after ``fcn.affinity_warmup`` of the iterations and need the
 :mod:`sp_cam.cam_store`; any CAMs written in that format work). CAMs are read only from the first epoch in which an
 affinity step occurs. The loss mode is ``saliency`` (reconstruct binarised saliency, ref) or ``labels_only``
 (reconstruct CIELAB colour, for datasets without saliency maps); ``fcn.mode=auto`` picks by the dataset.
+SpixelNet's BN becomes SyncBatchNorm under DDP on CUDA; on CPU (gloo) it keeps per-process batch statistics.
 
-``fcn.batch_size`` is the global batch of one optimizer step: under torchrun (DDP) each process takes its share of it,
-so global step k trains on the same images whatever the number of processes. SpixelNet's BN becomes SyncBatchNorm on
-CUDA; on CPU (gloo) it keeps per-process batch statistics. Rank 0 logs and writes every file.
-
-Every epoch ends with the full training state in ``last.pt`` (model, optimizer, epoch, step, RNG, config, best metric),
-written atomically; a re-run continues from it (every process from the same file). Augmentations are a pure function of
-(seed, epoch, index) and the per-epoch order is seeded by (seed, epoch), so a resumed run ends with the weights of an
-uninterrupted one (on CPU).
 Model selection uses the stage-1 validation metric of spec 5.3, implemented as intended (D14): GT one-hot, bilinear down
 to ``val_grid`` x ``val_grid`` and back up, PSAM pooling, ``val_walk_steps`` walk steps, PSAM upsampling, argmax, mIoU.
-Without GT on ``data.eval_split`` the last epoch is kept. ``model.pt`` = ``{"model", "config", "metric", ...}``; ``DONE``
-closes the stage.
+Without GT on ``data.eval_split`` the last epoch is kept. The loop, checkpoints, resume and DDP are
+:mod:`sp_cam.engine`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.classes import IGNORE_INDEX
+from data.datasets import EvalDataset, TrainDataset
 from net.fcn_loss import FCNLoss
-from net.spixel_fcn import SpixelNet, load_spixel_weights
-from sp_cam import cli
+from net.psam import asam, pad_to_multiple, psam_pool, psam_upsample, random_walk
+from net.spixel_fcn import INPUT_MULTIPLE, SpixelNet
+from sp_cam import cli, engine
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import load_cam
-from sp_cam.config import Config, ConfigError, FCNConfig, config_to_dict, load_config
-from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
+from sp_cam.config import Config, ConfigError, FCNConfig, load_config
+from sp_cam.engine import Selection, TrainingDivergedError
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
+from sp_cam.models import build_fcn, fcn_payload
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
-from sp_cam.psam import asam, pad_to_multiple, psam_pool, psam_upsample, random_walk
-from sp_cam.runtime import (
-    derive_seed,
-    restore_model_and_optimizer,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_logging,
-)
+from sp_cam.runtime import derive_seed, seed_everything, setup_logging
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "train.log"
-BEST_CHECKPOINT = "best.pt"
-MODES = ("auto", "saliency", "labels_only")
-NET_STRIDE = 16  # SpixelNet downsamples 4 times: inputs must be multiples of 16
-IGNORE_INDEX = 255
-
-
-@dataclass
-class TrainState:
-    """Everything the loop mutates; ``model`` may be the DDP wrapper of ``net``."""
-
-    model: nn.Module
-    net: SpixelNet
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed optimizer steps
-    best: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Set-up
-
-
-def check_fcn_config(cfg: Config) -> None:
-    f = cfg.fcn
-    if f.mode not in MODES:
-        raise ConfigError(f"fcn.mode={f.mode!r}: expected one of {', '.join(MODES)}")
-    if f.cell_size < 1:
-        raise ConfigError(f"fcn.cell_size={f.cell_size}: expected >= 1")
-    multiple = math.lcm(NET_STRIDE, f.cell_size)
-    if cfg.data.crop_size % multiple:
-        raise ConfigError(
-            f"data.crop_size={cfg.data.crop_size} must be a multiple of {multiple} (SpixelNet stride {NET_STRIDE}, "
-            f"fcn.cell_size={f.cell_size})"
-        )
-    for key in ("epochs", "batch_size", "val_grid", "log_every"):
-        if getattr(f, key) < 1:
-            raise ConfigError(f"fcn.{key}={getattr(f, key)}: expected >= 1")
-    if not 0.0 <= f.affinity_warmup <= 1.0:
-        raise ConfigError(f"fcn.affinity_warmup={f.affinity_warmup}: expected a fraction in [0, 1]")
-    if f.select not in ("gt", "last"):
-        raise ConfigError(f"fcn.select={f.select!r}: expected gt or last")
-    if f.val_walk_steps < 0:
-        raise ConfigError(f"fcn.val_walk_steps={f.val_walk_steps}: expected >= 0")
 
 
 def choose_mode(fcfg: FCNConfig, has_saliency: bool) -> tuple[str, str]:
@@ -130,29 +74,30 @@ def affinity_from_step(fcfg: FCNConfig, total_steps: int) -> int:
 
 @dataclass(frozen=True)
 class CamLoader:
-    """``(id, (H, W)) -> (K, H, W)`` float32 CAMs from ``cam_dir/<id>.npz`` (picklable, for DataLoader workers)."""
+    """``(id, (H, W)) -> (K, H, W)`` float32 CAMs from the step-B files (picklable, for DataLoader workers)."""
 
-    cam_dir: Path
+    paths: RunPaths
     num_classes: int
 
     def __call__(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
-        return load_cam(self.cam_dir / f"{image_id}.npz", self.num_classes, expect_size=size)
+        return load_cam(self.paths.cam_file(image_id), self.num_classes, expect_size=size)
 
 
-def check_cams(cam_dir: Path, ids: list[str], layout: Any) -> None:
+def check_cams(paths: RunPaths, ids: list[str], layout: Any) -> None:
     """Fail early: the CAM folder exists, holds a file for every id, and the first file fits its image."""
+    cam_dir = paths.cams
     if not cam_dir.is_dir():
         raise FileNotFoundError(
             f"CAM folder not found: {cam_dir} (the stage-1 affinity terms need the step-B CAMs: run "
             f"python -m sp_cam.export_cams, or set fcn.affinity_warmup=1 to train without them)"
         )
-    missing = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
+    missing = [i for i in ids if not paths.cam_file(i).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(ids)} CAM files missing in {cam_dir}, e.g. {cam_dir / (missing[0] + '.npz')}"
+            f"{len(missing)} of {len(ids)} CAM files missing in {cam_dir}, e.g. {paths.cam_file(missing[0])}"
         )
     if ids:
-        load_cam(cam_dir / f"{ids[0]}.npz", layout.num_classes, expect_size=layout.image_size(ids[0]))
+        load_cam(paths.cam_file(ids[0]), layout.num_classes, expect_size=layout.image_size(ids[0]))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -161,98 +106,9 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     return np.random.default_rng(derive_seed(seed, epoch)).permutation(n).tolist()
 
 
-def process_indices(
-    n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int
-) -> list[int]:
-    """The images of one process in ``epoch``, in order, to be read in batches of ``batch_size / world_size``.
-
-    Global step k takes ``order[k*B:(k+1)*B]`` of the epoch's order (B = ``batch_size``), whatever ``world_size``;
-    each process gets every ``world_size``-th of them (the DistributedSampler split). The tail short of a full global
-    batch is dropped.
-    """
-    order = epoch_order(n, seed, epoch, shuffle)
-    return dist_utils.shard(order[: n // batch_size * batch_size], rank, world_size)
-
-
-def build_model(fcfg: FCNConfig) -> SpixelNet:
-    model = SpixelNet()
-    if fcfg.init:
-        load_spixel_weights(model, Path(fcfg.init).expanduser())
-        log.info("stage 1: initialised from %s", fcfg.init)
-    else:
-        log.info("stage 1: random initialisation (set fcn.init to start from published SpixelFCN weights)")
-    return model
-
-
-def build_optimizer(model: SpixelNet, fcfg: FCNConfig) -> torch.optim.Adam:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(
-        params, lr=fcfg.lr, betas=(fcfg.adam_beta1, fcfg.adam_beta2), weight_decay=fcfg.weight_decay
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def train_one_epoch(
-    state: TrainState,
-    loader: DataLoader,
-    loss_fn: FCNLoss,
-    steps: int,
-    affinity_from: int,
-    fcfg: FCNConfig,
-    metrics_path: Path | None,
-    desc: str,
-) -> dict[str, float]:
-    """One pass over ``loader`` (``steps`` batches of this process); ``state.step`` advances by one per batch.
-
-    Logged losses are means over the processes; ``metrics_path`` is None on ranks other than 0.
-    """
-    main = dist_utils.is_main()
-    state.model.train()
-    sums: dict[str, float] = {}
-    done = 0
-    start = time.time()
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not main, dynamic_ncols=True, leave=False)
-    try:
-        for batch in loader:
-            use_affinity = state.step >= affinity_from
-            image = batch["image"].to(state.device, non_blocking=True)
-            valid = batch["valid"].to(state.device) if fcfg.mask_padding else None
-            saliency = batch["saliency"].to(state.device)
-            cams = batch["cam"].to(state.device) if use_affinity else None
-            q = state.model(image)
-            terms = loss_fn(q, image, saliency, cams, valid, use_affinity)
-            loss = terms["total"]
-            if dist_utils.any_rank(not bool(torch.isfinite(loss)), state.device):
-                raise FloatingPointError(
-                    f"stage-1 loss is not finite ({float(loss)} on this process) at step {state.step + 1} "
-                    f"(epoch {state.epoch + 1}); lower fcn.lr or check the inputs"
-                )
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-            state.step += 1
-            done += 1
-            means = dist_utils.all_reduce_mean(torch.stack([v.detach() for v in terms.values()])).tolist()
-            values = dict(zip(terms, means, strict=True))
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{values['total']:.4f}", aff=int(use_affinity))
-            bar.update(1)
-            if metrics_path is not None and (state.step % fcfg.log_every == 0 or done == steps):
-                append_jsonl(
-                    metrics_path,
-                    {"kind": "train", "epoch": state.epoch + 1, "step": state.step, "affinity": use_affinity, **values},
-                )
-    finally:
-        bar.close()
-    elapsed = time.time() - start
-    stats = {f"loss_{k}" if k != "total" else "loss": v / max(done, 1) for k, v in sums.items()}
-    images = done * loader.batch_size * dist_utils.get_world_size()
-    stats.update(seconds=elapsed, images_per_s=images / max(elapsed, 1e-9))
-    return stats
+def epoch_indices(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The images of ``epoch`` in training order; the tail short of a full global batch is dropped."""
+    return epoch_order(n, seed, epoch, shuffle)[: n // batch_size * batch_size]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -287,7 +143,7 @@ def reconstruct_gt(
 @torch.no_grad()
 def evaluate(
     model: SpixelNet, dataset: Any, fcfg: FCNConfig, num_classes: int, device: torch.device, max_images: int = 0
-) -> dict[str, float] | None:
+) -> dict[str, Any] | None:
     """Stage-1 GT-reconstruction mIoU (percent) on the images of ``dataset`` that have GT; None when none has.
 
     The images are sharded over the processes (all of them must call this) and the confusion matrices summed, so
@@ -296,7 +152,7 @@ def evaluate(
     model.eval()
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     mine = dist_utils.shard(list(range(n)), dist_utils.get_rank(), dist_utils.get_world_size())
-    multiple = math.lcm(NET_STRIDE, fcfg.cell_size)
+    multiple = math.lcm(INPUT_MULTIPLE, fcfg.cell_size)
     conf = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     scored = 0
     quiet = not dist_utils.is_main()
@@ -319,37 +175,105 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def training_checkpoint(state: TrainState, cfg: Config, mode: str) -> dict[str, Any]:
-    return {
-        "stage": "fcn",
-        "mode": mode,
-        "model": state.net.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "rng": rng_state(),
-        "config": config_to_dict(cfg),
-        "best": dict(state.best),
-    }
-
-
-def resume(state: TrainState, path: Path, cfg: Config) -> None:
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("stage") != "fcn":
-        raise ValueError(f"{path}: not a stage-1 training checkpoint")
-    restore_model_and_optimizer(ckpt, path, config_to_dict(cfg), ("fcn", "data"), state.net, state.optimizer)
-    state.epoch = int(ckpt["epoch"])
-    state.step = int(ckpt["step"])
-    state.best = dict(ckpt.get("best") or {})
-    set_rng_state(ckpt["rng"])
-    log.info("stage 1: resumed from %s after epoch %d (step %d)", path, state.epoch, state.step)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The stage
+
+
+def build_model(fcfg: FCNConfig) -> SpixelNet:
+    """The network stage 1 trains (:func:`sp_cam.models.build_fcn`)."""
+    return build_fcn(fcfg)
+
+
+def build_optimizer(model: SpixelNet, fcfg: FCNConfig) -> torch.optim.Adam:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(
+        params, lr=fcfg.lr, betas=(fcfg.adam_beta1, fcfg.adam_beta2), weight_decay=fcfg.weight_decay
+    )
+
+
+def build_loss(fcfg: FCNConfig, num_classes: int, mode: str) -> FCNLoss:
+    """The stage-1 loss with every constant of ``fcfg``."""
+    return FCNLoss(
+        num_classes,
+        fcfg.cell_size,
+        mode,
+        sal_threshold=fcfg.sal_threshold,
+        pos_weight=fcfg.pos_weight,
+        color_weight=fcfg.color_weight,
+        recon_weight=fcfg.recon_weight,
+        th_bg=fcfg.th_bg,
+        th_step=fcfg.th_step,
+        th_fg=fcfg.th_fg,
+        relu_t=fcfg.relu_t,
+        interior_min_same=fcfg.interior_min_same,
+        press_weight=fcfg.press_weight,
+        diff_weight=fcfg.diff_weight,
+    )
+
+
+class FCNTask(engine.Task):
+    """Stage 1's part of a training run: the stage-1 loss with its warm-up, the GT-reconstruction validation."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        loss_fn: FCNLoss,
+        mode: str,
+        num_classes: int,
+        train_set: TrainDataset,
+        cam_loader: CamLoader,
+        steps_per_epoch: int,
+        affinity_from: int,
+        eval_set: EvalDataset | None,
+    ) -> None:
+        self.cfg = cfg
+        self.fcfg = cfg.fcn
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.num_classes = num_classes
+        self.train_set = train_set
+        self.cam_loader = cam_loader
+        self.steps_per_epoch = steps_per_epoch
+        self.affinity_from = affinity_from
+        self.eval_set = eval_set
+
+    def start_epoch(self, epoch):
+        # CAMs only for epochs that contain an affinity step (the first 70 % of the run never reads them)
+        reads_cams = (epoch + 1) * self.steps_per_epoch > self.affinity_from
+        self.train_set.cam_loader = self.cam_loader if reads_cams else None
+
+    def loss(self, model, batch, ctx):
+        use_affinity = ctx.step >= self.affinity_from
+        image = batch["image"].to(ctx.device, non_blocking=True)
+        valid = batch["valid"].to(ctx.device) if self.fcfg.mask_padding else None
+        saliency = batch["saliency"].to(ctx.device)
+        cams = batch["cam"].to(ctx.device) if use_affinity else None
+        terms = self.loss_fn(model(image), image, saliency, cams, valid, use_affinity)
+        logged = {(k if k == "ignored_cells" else f"loss_{k}"): v for k, v in terms.items() if k != "total"}
+        return terms["total"], logged
+
+    def step_record(self, step):
+        return {"affinity": step >= self.affinity_from}
+
+    def evaluate(self, net):
+        if self.eval_set is None:
+            return None
+        device = next(net.parameters()).device
+        return evaluate(net, self.eval_set, self.fcfg, self.num_classes, device, self.fcfg.val_max_images)
+
+    def describe(self, result):
+        return f"GT-reconstruction mIoU {result['miou']:.2f}"
+
+    def checkpoint_tag(self):
+        return {"mode": self.mode}
+
+    def final_payload(self, weights, selection: Selection):
+        m = selection.metrics
+        if selection.rule == "gt":
+            metric = {"name": "gt_reconstruction_miou", "epoch": int(m["epoch"]), "miou": float(m["miou"])}
+            metric["initial_miou"] = selection.initial.get("miou")
+        else:
+            metric = {"name": "last_epoch", "epoch": m["epoch"]}
+        return fcn_payload(weights, self.cfg, metric, self.mode, self.num_classes)
 
 
 def run(cfg: Config) -> Path:
@@ -358,20 +282,12 @@ def run(cfg: Config) -> Path:
     Works in a single process and under torchrun. Skips the stage when its ``DONE`` marker exists; resumes from
     ``last.pt`` when present.
     """
-    check_fcn_config(cfg)
     fcfg = cfg.fcn
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    sdir = paths.fcn
-    final = RunPaths.model(sdir)
-    started = dist_utils.open_stage(cfg, sdir, "stage 1")
-    if started is None:
-        return final
-    info, device = started
-    main = info.is_main
-
-    from data.datasets import EvalDataset, TrainDataset
-    from data.voc_layout import open_dataset
-
+    stage = engine.open_stage(cfg, "fcn", "stage 1")
+    if stage is None:
+        return RunPaths.model(paths.fcn)
+    info, device = stage.info, stage.device
     layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
     num_classes = layout.num_classes
     mode, why = choose_mode(fcfg, layout.has_saliency)
@@ -393,7 +309,7 @@ def run(cfg: Config) -> Path:
             f"data.train_split={cfg.data.train_split!r} has {len(train_set)} images, fewer than the "
             f"{info.world_size} processes"
         )
-    if batch_size < fcfg.batch_size and main:
+    if batch_size < fcfg.batch_size and info.is_main:
         log.warning(
             "stage 1: %d training images < fcn.batch_size=%d: batch %d", len(train_set), fcfg.batch_size, batch_size
         )
@@ -401,125 +317,38 @@ def run(cfg: Config) -> Path:
     total_steps = fcfg.epochs * steps
     affinity_from = affinity_from_step(fcfg, total_steps)
     if affinity_from < total_steps:
-        check_cams(paths.cams, train_set.ids, layout)
+        check_cams(paths, train_set.ids, layout)
         log.info("stage 1: affinity terms from step %d of %d, CAMs from %s", affinity_from + 1, total_steps, paths.cams)
     else:
         log.info("stage 1: affinity terms never switched on (fcn.affinity_warmup=%g)", fcfg.affinity_warmup)
-    cam_loader = CamLoader(paths.cams, num_classes)
 
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
     net = build_model(fcfg).to(device)
-    state = TrainState(model=net, net=net, optimizer=build_optimizer(net, fcfg), device=device)
-    loss_fn = FCNLoss.from_config(fcfg, num_classes, mode)
-    last = RunPaths.last_checkpoint(sdir)
-    if last.is_file():
-        resume(state, last, cfg)
-    if info.distributed:
-        state.model = dist_utils.wrap_ddp(net, device)
-
-    eval_set = EvalDataset(layout, cfg.data.eval_split)
-    has_gt = any(layout.has_gt(i) for i in eval_set.ids[: fcfg.val_max_images or None])
-    if not has_gt:
+    optimizer = build_optimizer(net, fcfg)
+    loss_fn = build_loss(fcfg, num_classes, mode)
+    eval_set: EvalDataset | None = EvalDataset(layout, cfg.data.eval_split)
+    if not any(layout.has_gt(i) for i in eval_set.ids[: fcfg.val_max_images or None]):
         log.info(
             "stage 1: no GT masks on data.eval_split=%r: no validation, the last epoch is kept", cfg.data.eval_split
         )
-    metrics_path = sdir / METRICS_FILE
-    log.info(
-        "stage 1: %d images, %d steps/epoch x %d epochs, batch %d = %d process(es) x %d, %d classes, device %s",
-        len(train_set),
-        steps,
-        fcfg.epochs,
-        batch_size,
-        info.world_size,
-        batch_size // info.world_size,
-        num_classes,
-        device,
+        eval_set = None
+    schedule = engine.Schedule(
+        epochs=fcfg.epochs,
+        batch_size=batch_size,
+        eval_every=1,
+        eval_initial=eval_set is not None,
+        select=fcfg.select,
+        shuffle=fcfg.shuffle,
+        log_every=fcfg.log_every,
     )
-    if has_gt and state.epoch == 0 and not state.best.get("initial"):
-        initial = evaluate(net, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
-        state.best = {"initial": initial["miou"]}
-        if main:
-            record = {"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in initial.items()}}
-            append_jsonl(metrics_path, record)
-        log.info("stage 1: initial weights: GT-reconstruction mIoU %.2f", initial["miou"])
+    task = FCNTask(cfg, loss_fn, mode, num_classes, train_set, CamLoader(paths, num_classes), steps, affinity_from,
+                   eval_set)  # fmt: skip
+    n = len(train_set)
 
-    while state.epoch < fcfg.epochs:
-        epoch = state.epoch
-        # the same stream on every process: nothing in the loop draws from it (the data are a function of the index)
-        seed_everything(derive_seed(cfg.run.seed, epoch))
-        train_set.set_epoch(epoch)
-        # CAMs only for epochs that contain an affinity step (the first 70 % of the run never reads them)
-        train_set.cam_loader = cam_loader if (epoch + 1) * steps > affinity_from else None
-        loader = DataLoader(
-            train_set,
-            batch_size=batch_size // info.world_size,
-            sampler=process_indices(
-                len(train_set), batch_size, cfg.run.seed, epoch, fcfg.shuffle, info.rank, info.world_size
-            ),
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-        )
-        stats = train_one_epoch(
-            state,
-            loader,
-            loss_fn,
-            steps,
-            affinity_from,
-            fcfg,
-            metrics_path if main else None,
-            f"fcn epoch {epoch + 1}/{fcfg.epochs}",
-        )
-        state.epoch += 1
-        dist_utils.broadcast_buffers(net)  # every process evaluates the BN statistics that rank 0 saves
-        record: dict[str, Any] = {"kind": "epoch", "epoch": state.epoch, "step": state.step, **stats}
-        if has_gt:
-            result = evaluate(net, eval_set, fcfg, num_classes, device, fcfg.val_max_images)
-            record.update({f"eval_{k}": v for k, v in result.items()})
-            if result["miou"] >= state.best.get("miou", -math.inf):  # ties: the later epoch
-                # before last.pt: a crash in between redoes the epoch and rewrites the same file
-                if main:
-                    save_checkpoint(sdir / BEST_CHECKPOINT, {"model": net.state_dict(), "epoch": state.epoch, **result})
-                state.best.update(epoch=state.epoch, miou=result["miou"], fg_miou=result["fg_miou"])
-        if main:
-            append_jsonl(metrics_path, record)
-            line = f"stage 1 epoch {state.epoch}/{fcfg.epochs}: loss {record['loss']:.4f}"
-            if "eval_miou" in record:
-                line += f"; GT-reconstruction mIoU {record['eval_miou']:.2f} (best {state.best['miou']:.2f})"
-            log.info("%s", line)
-            save_checkpoint(last, training_checkpoint(state, cfg, mode))
-        dist_utils.barrier()
+    def order(epoch: int) -> list[int]:
+        return epoch_indices(n, batch_size, cfg.run.seed, epoch, fcfg.shuffle)
 
-    if main:
-        _write_final(state, sdir, cfg, mode, num_classes, has_gt)
-    dist_utils.barrier()
-    return final
-
-
-def _write_final(state: TrainState, sdir: Path, cfg: Config, mode: str, num_classes: int, has_gt: bool) -> None:
-    if has_gt and cfg.fcn.select == "gt":
-        best = load_checkpoint(sdir / BEST_CHECKPOINT)
-        weights = best["model"]
-        metric = {"name": "gt_reconstruction_miou", "epoch": int(best["epoch"]), "miou": float(best["miou"])}
-        metric["initial_miou"] = state.best.get("initial")
-        log.info("stage 1: selected epoch %d, GT-reconstruction mIoU %.2f", metric["epoch"], metric["miou"])
-    else:
-        weights = state.net.state_dict()
-        metric = {"name": "last_epoch", "epoch": state.epoch}
-    save_checkpoint(
-        RunPaths.model(sdir),
-        {
-            "stage": "fcn",
-            "model": weights,
-            "config": config_to_dict(cfg),
-            "metric": metric,
-            "mode": mode,
-            "num_classes": num_classes,
-            "cell_size": cfg.fcn.cell_size,
-        },
-    )
-    atomic_write_text(RunPaths.done(sdir), f"stage 1 finished after {state.epoch} epochs\n")
-    log.info("stage 1: final weights %s", RunPaths.model(sdir))
+    return engine.fit(stage, net, optimizer, None, train_set, task, schedule, order=order, tie="later")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -531,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
-        setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).fcn / LOG_FILE)
+        setup_logging(cfg.run.log_level, RunPaths.train_log(RunPaths.from_work_dir(cfg.run.work_dir).fcn))
         run(cfg)
 
-    return cli.run_command(body, diverged=(FloatingPointError,))
+    return cli.run_command(body, diverged=(TrainingDivergedError,))
 
 
 if __name__ == "__main__":

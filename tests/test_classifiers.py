@@ -18,6 +18,10 @@ def _cfg(**kw) -> ClassifierConfig:
     return ClassifierConfig(backbone="tiny", drm_encoder_widths=ENC, drm_head_widths=HEAD, **kw)
 
 
+def build(kind: str, **kw):
+    return build_classifier(kind, K, "tiny", encoder_widths=ENC, head_widths=HEAD, **kw)
+
+
 def _psam(b: int, h: int, w: int) -> torch.Tensor:
     return torch.randn(b, 9, h, w).softmax(dim=1)
 
@@ -31,12 +35,12 @@ def _batch(b: int = 2, size: int = 64):
 
 
 def _spcam() -> SPCAMModel:
-    return build_classifier("spcam", _cfg(), K)
+    return build("spcam")
 
 
 def test_forward_shapes():
     x = torch.randn(2, 3, 64, 96)
-    cam = build_classifier("cam", _cfg(), K)
+    cam = build("cam")
     assert isinstance(cam, CAMModel) and cam.model_type == "cam"
     assert cam(x).shape == (2, K + 1, 4, 6)
     sp = _spcam()
@@ -45,7 +49,7 @@ def test_forward_shapes():
     with pytest.raises(ValueError, match="psam must have shape"):
         sp(x, _psam(2, 32, 96))
     with pytest.raises(ValueError, match="unknown model type"):
-        build_classifier("irn", _cfg(), K)
+        build("irn")
 
 
 def test_reference_module_names_and_widths():
@@ -75,7 +79,7 @@ def _losses(model, x, labels, sal, psam=None):
 
 @pytest.mark.parametrize("model_type", ["cam", "spcam"])
 def test_backward_reaches_every_trainable_parameter(model_type):
-    model = build_classifier(model_type, _cfg(), K).train()
+    model = build(model_type).train()
     x, labels, sal = _batch()
     psam = _psam(2, 64, 64) if model_type == "spcam" else None
     _losses(model, x, labels, sal, psam).backward()
@@ -151,13 +155,13 @@ def test_param_groups_cover_each_parameter_once_with_reference_multipliers():
     assert seen["get_qfeats.3.1.bias"] == ("drm_encoder_biases", 20.0, False)
     assert seen["get_tran_conv.0.0.weight"] == ("drm_head_weights", 500.0, True)
     assert seen["get_tran_conv.2.0.bias"] == ("drm_head_biases", 1000.0, False)
-    cam = build_classifier("cam", _cfg(), K)
+    cam = build("cam")
     assert [g["name"] for g in cam.param_groups()] == ["backbone_weights", "backbone_biases", "classifier"]
     assert set(_groups_by_param(cam)) == {n for n, _ in cam.named_parameters()}
 
 
 def test_freeze_backbone_excludes_it_from_groups_and_gradients():
-    sp = build_classifier("spcam", _cfg(freeze_backbone=True), K)
+    sp = build("spcam", freeze_backbone=True)
     assert all(not p.requires_grad for p in sp.backbone.parameters())
     seen = _groups_by_param(sp)
     assert not any(n.startswith("backbone.") for n in seen)

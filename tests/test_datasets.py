@@ -8,8 +8,9 @@ from torch.utils.data import DataLoader
 
 from data.datasets import EvalDataset, TrainDataset
 from data.toy import make_toy_dataset
-from data.voc_layout import VOCLayout, open_dataset
+from data.voc_layout import VOCLayout
 from sp_cam.config import load_config
+from sp_cam.open_data import open_dataset
 from tests.test_voc_layout import fixture_masks, make_voc_fixture
 
 

@@ -16,6 +16,7 @@ from sp_cam import distributed as dist_utils
 from sp_cam import train_cls, train_fcn
 from sp_cam.config import save_config
 from sp_cam.io import load_checkpoint
+from sp_cam.models import build_classifier
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything
 from tests.fcn_frozen_bn import build_frozen_bn_model
@@ -52,7 +53,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     a = load_checkpoint(RunPaths.model(RunPaths.from_work_dir(single.run.work_dir).cam))
     b = load_checkpoint(RunPaths.model(RunPaths.from_work_dir(ddp.run.work_dir).cam))
     seed_everything(derive_seed(single.run.seed))  # the initial weights of both runs
-    init = train_cls.build_model(single.cam, "cam", 5).state_dict()
+    init = build_classifier(single.cam, "cam", 5).state_dict()
     moved = max(float((a["model"][k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
     assert moved > 1e-3  # training really changed the weights
     for k, v in a["model"].items():
@@ -93,7 +94,7 @@ def test_two_process_stage1_equals_one_process_on_the_same_global_batch(tmp_path
     train_a, train_b = ([r for r in recs if r["kind"] == "train"] for recs in records)
     assert [r["affinity"] for r in train_b] == [False, True]
     for ra, rb in zip(train_a, train_b, strict=True):  # losses are means over the processes
-        for key in ("total", "sem", "pos", "press", "diff", "ignored_cells"):
+        for key in ("loss", "loss_sem", "loss_pos", "loss_press", "loss_diff", "ignored_cells"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
     written = {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "model.pt", "DONE", "train.log"}
     assert {p.name for p in dirs[1].iterdir()} == written  # one copy of each, no temporary file left
@@ -101,15 +102,15 @@ def test_two_process_stage1_equals_one_process_on_the_same_global_batch(tmp_path
 
 def test_stage1_processes_split_every_global_batch():
     n, batch, steps = 11, 4, 2  # the 3 images short of a third global batch are dropped
-    order = train_fcn.process_indices(n, batch, 0, 3, True, 0, 1)
+    order = train_fcn.epoch_indices(n, batch, 0, 3, True)
     assert len(order) == steps * batch and order != sorted(order)
     for world in (2, 4):
-        shares = [train_fcn.process_indices(n, batch, 0, 3, True, rank, world) for rank in range(world)]
+        shares = [dist_utils.shard(order, rank, world) for rank in range(world)]
         per = batch // world
         for k in range(steps):
             step = sorted(i for share in shares for i in share[k * per : (k + 1) * per])
             assert step == sorted(order[k * batch : (k + 1) * batch])
-    assert train_fcn.process_indices(n, batch, 0, 3, False, 1, 2) == [1, 3, 5, 7]
+    assert dist_utils.shard(train_fcn.epoch_indices(n, batch, 0, 3, False), 1, 2) == [1, 3, 5, 7]
 
 
 def test_batch_must_split_over_processes_and_micro_batches():

@@ -10,11 +10,12 @@ import torch
 
 from data.toy import make_toy_dataset
 from data.voc_layout import VOCLayout
-from sp_cam import export_cams, train_cls
+from sp_cam import export_cams
 from sp_cam.cam_store import load_cam
 from sp_cam.config import Config, config_to_dict
 from sp_cam.inference import infer_scores
 from sp_cam.io import save_checkpoint
+from sp_cam.models import build_classifier, load_classifier
 from sp_cam.paths import RunPaths
 from tests.test_train_cls import TOY_SIZE, TOY_TRAIN, TOY_VAL, tiny_config
 
@@ -27,10 +28,10 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def _config_with_cam_model(work: Path, root: Path, *extra: str, model_type: str = "cam") -> Config:
-    """A work dir holding a (randomly initialised) baseline in the final-weights format of train_cls."""
+    """A work dir holding a (randomly initialised) baseline in the final-weights format of the classifier stages."""
     cfg = tiny_config(work, root, "export.scales=[0.5,1.0]", *extra)
     torch.manual_seed(0)
-    model = train_cls.build_model(cfg.cam, "cam", NUM_CLASSES)
+    model = build_classifier(cfg.cam, "cam", NUM_CLASSES)
     save_checkpoint(
         RunPaths.model(RunPaths.from_work_dir(work).cam),
         {
@@ -52,7 +53,7 @@ def test_export_stores_present_classes_at_image_size(toy_root, tmp_path):
     ids = layout.ids("train")
     assert sorted(p.stem for p in out.glob("*.npz")) == sorted(ids)
     assert RunPaths.done(out).is_file()
-    model = train_cls.load_classifier(RunPaths.model(RunPaths.from_work_dir(tmp_path).cam), "cam")
+    model = load_classifier(RunPaths.model(RunPaths.from_work_dir(tmp_path).cam), "cam")
     for image_id in ids[:3]:
         with np.load(out / f"{image_id}.npz", allow_pickle=False) as z:
             assert z["classes"].tolist() == layout.labels(image_id) and z["cams"].dtype == np.uint8

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from net.fcn_loss import FCNLoss, affinity_labels, affinity_masks, denormalize_rgb, rgb_to_lab
-from sp_cam.config import FCNConfig
-from sp_cam.psam import asam, psam_pool
+from net.psam import asam, psam_pool
 
 S = 4
 
@@ -147,13 +146,6 @@ def test_errors():
         loss(q, torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(1, 20, 8, 8), use_affinity=True)
     with pytest.raises(ValueError, match="mode"):
         FCNLoss(num_classes=3, mode="colour")
-
-
-def test_from_config_uses_every_field():
-    cfg = FCNConfig(cell_size=8, th_bg=0.1, relu_t=0.5, diff_weight=3.0, interior_min_same=10)
-    loss = FCNLoss.from_config(cfg, num_classes=80, mode="labels_only")
-    assert (loss.cell_size, loss.th_bg, loss.relu_t, loss.diff_weight, loss.interior_min_same) == (8, 0.1, 0.5, 3.0, 10)
-    assert loss.num_classes == 80 and loss.mode == "labels_only"
 
 
 def test_rgb_to_lab_matches_skimage():

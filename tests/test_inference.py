@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.transforms import inference_inputs
+from net.psam import asam, psam_upsample, random_walk
 from sp_cam import inference
 from sp_cam.inference import (
     evaluate_split,
@@ -20,7 +21,6 @@ from sp_cam.inference import (
     majority_labels,
     superpixel_ids,
 )
-from sp_cam.psam import asam, psam_upsample, random_walk
 
 K = 4
 

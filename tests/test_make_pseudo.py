@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data.voc_layout import open_dataset
-from net.classifiers import build_classifier
 from net.spixel_fcn import build_spixel_fcn
 from sp_cam import ablation, make_pseudo
 from sp_cam.config import Config, config_to_dict, load_config
 from sp_cam.io import read_label_png, save_checkpoint
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
+from sp_cam.models import build_classifier
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
+from sp_cam.score_store import load_scores
 
 TINY = [
     "run.device=cpu",
@@ -52,7 +53,7 @@ def write_checkpoints(cfg: Config, with_cam: bool = True, seed: int = 0) -> None
         if kind == "cam" and not with_cam:
             continue
         ccfg = getattr(cfg, kind)
-        model = build_classifier(kind, ccfg, k, pretrained="")
+        model = build_classifier(ccfg, kind, k, pretrained="")
         save_checkpoint(
             RunPaths.model(folder),
             {
@@ -91,8 +92,8 @@ def test_outputs_and_reported_miou(done_run):
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     layout = open_dataset(cfg)
     ids = layout.ids("val")
-    sel = json.loads((paths.pseudo / make_pseudo.SELECTION_FILE).read_text())
-    sweep = json.loads((paths.pseudo / make_pseudo.SWEEP_FILE).read_text())
+    sel = json.loads((paths.selection).read_text())
+    sweep = json.loads((paths.sweep).read_text())
     assert RunPaths.done(paths.pseudo).is_file()
     assert sel["select"] == "gt" and sel["num_images"] == len(ids) == sel["num_gt_images"]
     pairs = {(p["t"], p["th"]): p["miou"] for p in sweep["pairs"]}
@@ -110,7 +111,7 @@ def test_outputs_and_reported_miou(done_run):
         assert present <= set(layout.labels(image_id))  # absent classes never appear
         conf += confusion_matrix(label, layout.load_mask(image_id), layout.num_classes + 1)
     assert iou_from_confusion(conf).miou == pytest.approx(sel["miou"], abs=1e-9)
-    with np.load(paths.pseudo / make_pseudo.SCORES_DIR / f"{ids[0]}.npz") as z:
+    with np.load(paths.scores_file(ids[0])) as z:
         assert z["scores"].dtype == np.float16
         assert z["scores"].shape == (2, len(z["classes"]), *layout.image_size(ids[0]))
         assert z["conf_psam"].shape == (2, 2, layout.num_classes + 1, layout.num_classes + 1)
@@ -131,7 +132,7 @@ def test_resume_after_crash_computes_only_missing(done_run, tmp_path, monkeypatc
     ids = open_dataset(cfg).ids("val")
     before = (paths.pseudo_labels / f"{ids[0]}.png").read_bytes()
     RunPaths.done(paths.pseudo).unlink()
-    (paths.pseudo / make_pseudo.SCORES_DIR / f"{ids[1]}.npz").unlink()
+    (paths.scores_file(ids[1])).unlink()
     (paths.pseudo_labels / f"{ids[2]}.png").unlink()
     seen = []
     real = make_pseudo.process_image
@@ -148,7 +149,7 @@ def test_resume_after_crash_computes_only_missing(done_run, tmp_path, monkeypatc
 
 
 def test_fixed_selection_rewrites_labels_without_rerunning_networks(done_run, tmp_path, monkeypatch):
-    old = json.loads((RunPaths.from_work_dir(done_run.run.work_dir).pseudo / make_pseudo.SELECTION_FILE).read_text())
+    old = json.loads((RunPaths.from_work_dir(done_run.run.work_dir).selection).read_text())
     t, th = (3, 0.2) if (old["t"], old["th"]) == (0, 0.4) else (0, 0.4)  # a pair other than the selected one
     cfg = copy_run(
         done_run, tmp_path / "w", "pseudo.select=fixed", f"pseudo.t={t}", f"pseudo.th={th}", "pseudo.save_scores=true"
@@ -157,14 +158,14 @@ def test_fixed_selection_rewrites_labels_without_rerunning_networks(done_run, tm
     rec = make_pseudo.run(cfg)
     assert (rec["select"], rec["t"], rec["th"]) == ("fixed", t, th)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    sweep = json.loads((paths.pseudo / make_pseudo.SWEEP_FILE).read_text())
+    sweep = json.loads((paths.sweep).read_text())
     assert rec["miou"] == next(p["miou"] for p in sweep["pairs"] if (p["t"], p["th"]) == (t, th))
     for image_id in open_dataset(cfg).ids("val"):
-        arrays = make_pseudo.load_scores(paths.pseudo / make_pseudo.SCORES_DIR / f"{image_id}.npz")
+        arrays = load_scores(paths.scores_file(image_id))
         np.testing.assert_array_equal(
             read_label_png(paths.pseudo_labels / f"{image_id}.png"), make_pseudo.labels_for(arrays, t, th, 0.0)
         )
-        assert (paths.pseudo / make_pseudo.SCORE_MAPS_DIR / f"{image_id}.npz").is_file()
+        assert (paths.score_map(image_id)).is_file()
 
 
 def test_fixed_threshold_outside_the_sweep_is_scored(done_run, tmp_path, monkeypatch):
@@ -185,11 +186,11 @@ def test_sharded_run_equals_single_process(done_run, tmp_path):
     assert make_pseudo.run(cfg, shard=(1, 2)) == {}  # leaves phase 2 to the shard that completes the set
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     ids = open_dataset(cfg).ids("val")
-    assert sorted(p.stem for p in (paths.pseudo / make_pseudo.SCORES_DIR).glob("*.npz")) == sorted(ids[1::2])
+    assert sorted(p.stem for p in paths.scores.glob("*.npz")) == sorted(ids[1::2])
     assert not RunPaths.done(paths.pseudo).exists()
     rec = make_pseudo.run(cfg, shard=(0, 2))
     assert RunPaths.done(paths.pseudo).is_file()
-    ref = json.loads((RunPaths.from_work_dir(done_run.run.work_dir).pseudo / make_pseudo.SELECTION_FILE).read_text())
+    ref = json.loads((RunPaths.from_work_dir(done_run.run.work_dir).selection).read_text())
     assert (rec["t"], rec["th"], rec["miou"]) == (ref["t"], ref["th"], ref["miou"])
 
 
@@ -197,7 +198,7 @@ def test_select_gt_without_gt_is_an_error(done_run, tmp_path):
     cfg = copy_run(done_run, tmp_path / "w")
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     shutil.rmtree(paths.toy_data / "SegmentationClass")
-    shutil.rmtree(paths.pseudo / make_pseudo.SCORES_DIR)
+    shutil.rmtree(paths.scores)
     RunPaths.done(paths.pseudo).unlink()
     with pytest.raises(ValueError, match="select=fixed"):
         make_pseudo.run(cfg)
@@ -249,7 +250,7 @@ def test_ablation_report(done_run):
     assert rows["b"]["t"] == 0 and rows["d"]["upsample"] == "bilinear"
     table = paths.ablation_table.read_text()
     assert "| c | **SP-CAM + random walk** (final)" in table
-    assert json.loads((paths.pseudo / ablation.ABLATION_FILE).read_text())["rows"][0]["key"] == "a"
+    assert json.loads((paths.ablation).read_text())["rows"][0]["key"] == "a"
 
 
 def test_ablation_without_cam_model(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sp_cam import psam_reference as ref
-from sp_cam.psam import (
+from net import psam_reference as ref
+from net.psam import (
     asam,
     check_psam,
     drm_redistribute,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from net.psam import hard_assignment
 from sp_cam import superpixel_metrics as M
-from sp_cam.psam import hard_assignment
 from tools import superpixel_quality
 
 

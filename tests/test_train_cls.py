@@ -13,6 +13,7 @@ from data.toy import make_toy_dataset
 from sp_cam import train_cls
 from sp_cam.config import Config, load_config
 from sp_cam.io import load_checkpoint, save_checkpoint
+from sp_cam.models import load_classifier, load_frozen_fcn
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import rng_state, set_rng_state
 
@@ -80,10 +81,10 @@ def test_cam_training_writes_final_weights_metrics_and_done(trained_cam):
     assert last["epoch"] == 2 and last["step"] == 4  # 8 images / batch 4 = 2 steps per epoch
     assert {"model", "optimizer", "scheduler", "rng", "config", "best"} <= set(last)
     # GT selection: the final weights are those of the best evaluated epoch
-    best = load_checkpoint(sdir / train_cls.BEST_CHECKPOINT)
+    best = load_checkpoint(RunPaths.best_checkpoint(sdir))
     assert final["metrics"]["epoch"] == best["metrics"]["epoch"]
     assert _max_diff(final["model"], best["model"]) == 0.0
-    model = train_cls.load_classifier(RunPaths.model(sdir), "cam")
+    model = load_classifier(RunPaths.model(sdir), "cam")
     assert model.num_classes == 5 and not model.training
 
 
@@ -97,7 +98,7 @@ def test_finished_stage_is_skipped(trained_cam):
 def test_checkpoint_of_the_other_model_type_is_refused(trained_cam):
     final = RunPaths.model(RunPaths.from_work_dir(trained_cam.run.work_dir).cam)
     with pytest.raises(ValueError, match=r"holds a 'cam' model, but a 'spcam' model was expected"):
-        train_cls.load_classifier(final, "spcam")
+        load_classifier(final, "spcam")
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(toy_root, tmp_path, monkeypatch):
@@ -106,26 +107,24 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(toy_root, tmp_path, mo
     train_cls.run(ref, "cam")
 
     cfg = tiny_config(tmp_path / "crash", toy_root, *extra)
-    original = train_cls.train_one_epoch
+    original = train_cls.compute_loss
+    calls = {"epoch 2": 0}
 
-    def killed_in_epoch_2(state, batches, *args, **kwargs):
-        if state.epoch == 1:
-
-            def one_batch_then_crash():
-                yield next(iter(batches))
+    def killed_in_epoch_2(model, fcn, batch, ccfg, ctx, *args):
+        if ctx.epoch == 1:
+            calls["epoch 2"] += 1
+            if calls["epoch 2"] == 2:  # after the first step of epoch 2
                 raise KeyboardInterrupt("killed")
+        return original(model, fcn, batch, ccfg, ctx, *args)
 
-            return original(state, one_batch_then_crash(), *args, **kwargs)
-        return original(state, batches, *args, **kwargs)
-
-    monkeypatch.setattr(train_cls, "train_one_epoch", killed_in_epoch_2)
+    monkeypatch.setattr(train_cls, "compute_loss", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_cls.run(cfg, "cam")
     sdir = RunPaths.from_work_dir(cfg.run.work_dir).cam
     assert load_checkpoint(RunPaths.last_checkpoint(sdir))["epoch"] == 1
     assert not RunPaths.model(sdir).exists()
 
-    monkeypatch.setattr(train_cls, "train_one_epoch", original)
+    monkeypatch.setattr(train_cls, "compute_loss", original)
     train_cls.run(cfg, "cam")  # a new call finds last.pt and continues
     resumed = _weights(RunPaths.model(sdir))
     uninterrupted = _weights(RunPaths.model(RunPaths.from_work_dir(ref.run.work_dir).cam))
@@ -163,19 +162,19 @@ def test_spcam_trains_with_a_frozen_fcn(toy_root, tmp_path):
     state = load_checkpoint(final)
     assert state["model_type"] == "spcam" and any(k.startswith("get_tran_conv") for k in state["model"])
     assert set(state["metrics"]) >= {"miou", "map", "t", "th"} and state["metrics"]["t"] in (0, 2)
-    fcn = train_cls.load_frozen_fcn(fcn_file, torch.device("cpu"))
+    fcn = load_frozen_fcn(fcn_file, torch.device("cpu"))
     assert not fcn.training and not any(p.requires_grad for p in fcn.parameters())
     with pytest.raises(ValueError, match="'spcam' model, but a 'cam' model"):
-        train_cls.load_classifier(final, "cam")
+        load_classifier(final, "cam")
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(toy_root, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, toy_root, "cam.eval_every=0", "cam.select=last")
     original = train_cls.compute_loss
 
-    def nan_in_epoch_2(state, batch, ccfg):
-        loss, parts = original(state, batch, ccfg)
-        return (loss * float("nan") if state.epoch == 1 else loss), parts
+    def nan_in_epoch_2(model, fcn, batch, ccfg, ctx, *args):
+        loss, parts = original(model, fcn, batch, ccfg, ctx, *args)
+        return (loss * float("nan") if ctx.epoch == 1 else loss), parts
 
     monkeypatch.setattr(train_cls, "compute_loss", nan_in_epoch_2)
     sdir = RunPaths.from_work_dir(cfg.run.work_dir).cam
@@ -265,4 +264,4 @@ def test_labels_only_mode_and_cpu_fallbacks(toy_root, tmp_path, caplog):
     records = [json.loads(line) for line in (sdir / "metrics.jsonl").read_text().splitlines()]
     assert records and all(r["loss_sal"] == 0.0 and r["loss"] == r["loss_cls"] for r in records)
     assert "labels-only mode" in caplog.text and "cam.amp=bf16 is for CUDA only" in caplog.text
-    assert (sdir / train_cls.TENSORBOARD_DIR).is_dir() or "tensorboard package is not installed" in caplog.text
+    assert RunPaths.tensorboard(sdir).is_dir() or "tensorboard package is not installed" in caplog.text

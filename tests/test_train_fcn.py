@@ -14,7 +14,7 @@ from data.toy import make_toy_dataset
 from net.fcn_loss import FCNLoss
 from sp_cam import train_fcn
 from sp_cam.cam_store import save_cam
-from sp_cam.config import load_config
+from sp_cam.config import ConfigError, load_config
 from sp_cam.paths import RunPaths
 
 SIZE = 64
@@ -87,7 +87,7 @@ def test_run_outputs_and_resume_after_crash(tmp_path, toy_root, monkeypatch, cap
     assert [r["affinity"] for r in train] == [False, False, False, True]  # step > 0.5 * 4 (0-based 3)
     # the affinity step pooled the CAMs into cell labels (some cells uncertain); warm-up steps did not
     assert 0 < train[-1]["ignored_cells"] < 1 and train[0]["ignored_cells"] == 0
-    assert train[-1]["press"] >= 0 and train[-1]["diff"] >= 0
+    assert train[-1]["loss_press"] >= 0 and train[-1]["loss_diff"] >= 0
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "epoch")
 
@@ -138,7 +138,7 @@ def test_labels_only_mode_without_saliency(tmp_path, toy_root, caplog):
     final = train_fcn.run(cfg)  # no CAMs needed: the affinity terms never switch on; batch 8 > 5 images
     assert "loss mode labels_only" in caplog.text and "no saliency maps" in caplog.text
     records = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines()]
-    assert any("color" in r for r in records if r["kind"] == "train")
+    assert any("loss_color" in r for r in records if r["kind"] == "train")
     assert torch.load(final, weights_only=True)["mode"] == "labels_only"
 
 
@@ -155,7 +155,8 @@ def test_reconstruct_gt_is_exact_on_cell_aligned_masks():
 
 def test_cli_errors(tmp_path, capsys):
     assert train_fcn.main(["run.work_dir=" + str(tmp_path), "fcn.mode=bogus"]) == 2
-    assert "fcn.mode='bogus'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fcn.mode: 'bogus' is not a valid value; expected one of auto, saliency, labels_only" in err
     assert train_fcn.main(["run.work_dir=" + str(tmp_path), "data.crop_size=100"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
 
@@ -169,5 +170,16 @@ def test_select_last_keeps_the_last_epoch(tmp_path, toy_root):
     assert saved["metric"] == {"name": "last_epoch", "epoch": 2}
     last = torch.load(RunPaths.last_checkpoint(fcn_dir), weights_only=True)["model"]
     assert all(torch.equal(saved["model"][k], last[k]) for k in last)
-    with pytest.raises(Exception, match="fcn.select='best': expected gt or last"):
-        train_fcn.run(make_config(tmp_path / "bad", toy_root, "fcn.select=best"))
+    with pytest.raises(ConfigError, match="fcn.select: 'best' is not a valid value; expected one of gt, last"):
+        make_config(tmp_path / "bad", toy_root, "fcn.select=best")  # refused at load, before any stage runs
+
+
+def test_build_loss_uses_every_field():
+    from sp_cam.config import FCNConfig
+
+    cfg = FCNConfig(cell_size=8, th_bg=0.1, relu_t=0.5, diff_weight=3.0, interior_min_same=10, pos_weight=0.01)
+    loss = train_fcn.build_loss(cfg, num_classes=80, mode="labels_only")
+    assert (loss.cell_size, loss.th_bg, loss.relu_t, loss.diff_weight, loss.interior_min_same) == (8, 0.1, 0.5, 3.0, 10)
+    assert loss.num_classes == 80 and loss.mode == "labels_only" and loss.pos_weight == 0.01
+    for name in ("sal_threshold", "color_weight", "recon_weight", "th_step", "th_fg", "press_weight"):
+        assert getattr(loss, name) == getattr(cfg, name), name

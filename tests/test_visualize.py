@@ -6,9 +6,9 @@ import numpy as np
 from PIL import Image
 
 from data.classes import label_colormap
-from data.voc_layout import open_dataset
 from sp_cam import ablation, make_pseudo
 from sp_cam.config import save_config
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from tests.test_make_pseudo import new_run
 from tools import visualize

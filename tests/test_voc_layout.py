@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from data.classes import VOC_CLASSES, label_colormap
-from data.voc_layout import VOCLayout, open_dataset
+from data.voc_layout import VOCLayout
 from sp_cam.config import load_config
+from sp_cam.open_data import open_dataset
 
 IDS = ("2007_000001", "2007_000002", "2008_000003")
 SIZES = {"2007_000001": (24, 32), "2007_000002": (40, 30), "2008_000003": (20, 20)}

@@ -1,11 +1,11 @@
 """Per-stage speed and memory of spcam, against the reference formulation and a pixel-level random walk (issue 6).
 
-    python tools/benchmark.py [--device cpu|cuda] [--size H W] [--backbone NAME] [--json OUT] [--quick]
+    python -m tools.benchmark [--device cpu|cuda] [--size H W] [--backbone NAME] [--json OUT] [--quick]
 
 Sections (``--sections``, all by default):
 
 ``ops``     PSAM pooling, upsampling, ASAM and a 20-step walk at ``--size`` (512 x 512), 21 channels: the fast forms of
-            :mod:`sp_cam.psam` against the reference's forms of :mod:`sp_cam.psam_reference` on the same inputs, with
+            :mod:`net.psam` against the reference's forms of :mod:`net.psam_reference` on the same inputs, with
             the largest absolute difference of their outputs.
 ``stage3``  one 375 x 500 image, 8 passes (scales 0.5, 1, 1.5, 2, each with its flip): the network forwards
             (SpixelNet; backbone + DRM at the paper's widths; the backbone alone) against the post-processing
@@ -42,43 +42,39 @@ operators of a ``torch.profiler`` run of the case that limits it.
 
 from __future__ import annotations
 
-import pathlib
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import sp_cam  # noqa: E402, F401, I001  (first: sets OMP_WAIT_POLICY before torch loads, as every entry point does)
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from sp_cam import psam as ops  # noqa: E402
-from sp_cam import psam_reference as ref_ops  # noqa: E402
-from sp_cam.config import ClassifierConfig, ConfigError  # noqa: E402
-from sp_cam.io import atomic_write_json  # noqa: E402
-from sp_cam.pixel_walk import PixelWalkConfig, pixel_random_walk  # noqa: E402
+import sp_cam  # noqa: F401, I001  (first: sets OMP_WAIT_POLICY before torch loads, as every entry point does)
+from net import psam as ops
+from net import psam_reference as ref_ops
+from sp_cam.config import ClassifierConfig, ConfigError
+from sp_cam.io import atomic_write_json
+from sp_cam.pixel_walk import PixelWalkConfig, pixel_random_walk
 
 log = logging.getLogger("spcam.benchmark")
+REPO_ROOT = Path(__file__).resolve().parents[1]  # child processes run `python -m ...` from here
 
 SECTIONS = ("ops", "stage3", "walk", "train", "pseudo")
 CELL_SIZE = 16  # ref: superpixel grid cell in pixels
@@ -354,13 +350,13 @@ _MODELS: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}  # stage-3 mode
 
 def _stage3_models(s: BenchSettings, device: torch.device) -> tuple[nn.Module, nn.Module]:
     from net.spixel_fcn import build_spixel_fcn
-    from sp_cam.train_cls import build_model
+    from sp_cam.models import build_classifier
 
     key = (s.backbone, str(device))
     if key not in _MODELS:
         torch.manual_seed(s.seed)
         fcn = build_spixel_fcn("").to(device).eval()
-        model = build_model(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
+        model = build_classifier(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
         _MODELS[key] = (fcn, model.to(device).eval())
     return _MODELS[key]
 
@@ -426,19 +422,20 @@ def pixel_walk(s: BenchSettings, device: torch.device, method: str) -> Callable[
 
 
 def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[], float]:
-    """One optimizer step of the trainer's loss (:func:`sp_cam.train_cls.compute_loss`) on a random batch."""
+    """One optimizer step of the trainers' loss (the frozen FCN's PSAM, the forward, :func:`net.cls_losses.classifier_loss`)
+    on a random batch."""
+    from net.cls_losses import classifier_loss
     from net.spixel_fcn import build_spixel_fcn
+    from sp_cam.models import build_classifier
     from sp_cam.optim import build_optimizer
-    from sp_cam.train_cls import TrainState, build_model, compute_loss
 
     torch.manual_seed(s.seed)
     ccfg = ClassifierConfig(backbone=s.backbone, lr=TRAIN_LR, batch_size=s.train_batch)
-    model = build_model(ccfg, kind, s.num_classes, pretrained="").to(device).train()
+    model = build_classifier(ccfg, kind, s.num_classes, pretrained="").to(device).train()
     fcn = None
     if kind == "spcam":
         fcn = build_spixel_fcn("").to(device).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, ccfg, total_steps=10_000)
-    state = TrainState(model, model, fcn, optimizer, scheduler, None, device, None, True, CELL_SIZE)
     gen = _generator(s.seed + 3)
     B, S = s.train_batch, s.train_size
     labels = (torch.rand(B, s.num_classes, generator=gen) < 0.15).float()
@@ -451,7 +448,12 @@ def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[]
     }
 
     def run() -> float:
-        loss, _ = compute_loss(state, batch, ccfg)
+        psam = None
+        if fcn is not None:
+            with torch.no_grad():
+                psam = fcn(batch["image"]).float()
+        logits = model(batch["image"]) if psam is None else model(batch["image"], psam)
+        loss, _, _ = classifier_loss(logits.float(), batch["label"], batch["saliency"], psam, ccfg.alpha, ccfg.tau)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -466,10 +468,11 @@ def train_breakdown(s: BenchSettings, device: torch.device) -> dict[str, float]:
     the frozen FCN's forward, the PSAM encoder E forward+backward, the kernel head T forward+backward (and its first
     conv alone), and the redistribution + PSAM pooling of the saliency forward+backward."""
     from net.spixel_fcn import build_spixel_fcn
-    from sp_cam.train_cls import build_model
+    from sp_cam.models import build_classifier
 
     torch.manual_seed(s.seed)
-    model = build_model(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="").to(device).train()
+    model = build_classifier(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
+    model = model.to(device).train()
     if not (hasattr(model, "get_qfeats") and hasattr(model, "get_tran_conv")):
         return {}
     fcn = build_spixel_fcn("").to(device).eval().requires_grad_(False)
@@ -695,14 +698,8 @@ def run_memory_child(s: BenchSettings, names: Sequence[str]) -> dict[str, dict[s
     if not names:
         return {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(CHILD_MMAP_THRESHOLD))
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--memory-child",
-        json.dumps(dataclasses.asdict(s)),
-        ",".join(names),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-child", json.dumps(dataclasses.asdict(s)), ",".join(names)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith(CHILD_MARKER):
             return json.loads(line[len(CHILD_MARKER) :])
@@ -785,15 +782,15 @@ def check_pixel_walk(seed: int) -> float:
 
 
 def pseudo_throughput(s: BenchSettings) -> dict[str, Any]:
-    """Images/s of ``sp_cam.make_pseudo`` on a generated toy split with random-init models in the trainer's format."""
+    """Images/s of the command ``python -m sp_cam.make_pseudo`` (a child process, start-up included) on a generated toy
+    split with random-init models in the trainers' format."""
     try:
-        from data.voc_layout import open_dataset
         from net.spixel_fcn import build_spixel_fcn
-        from sp_cam import make_pseudo
-        from sp_cam.config import Config, config_to_dict, save_config
+        from sp_cam.config import Config, save_config
         from sp_cam.io import save_checkpoint
+        from sp_cam.models import build_classifier, classifier_payload
+        from sp_cam.open_data import open_dataset
         from sp_cam.paths import RunPaths
-        from sp_cam.train_cls import build_model
     except ImportError as e:
         return {"skipped": f"pseudo-label command not available ({e})"}
     with tempfile.TemporaryDirectory(prefix="spcam_bench_") as tmp:
@@ -816,29 +813,20 @@ def pseudo_throughput(s: BenchSettings) -> dict[str, Any]:
         layout = open_dataset(cfg)  # generate the toy set outside the timed run
         paths = RunPaths.from_work_dir(cfg.run.work_dir)
         torch.manual_seed(s.seed)
-        model = build_model(cfg.spcam, "spcam", layout.num_classes, pretrained="")
-        save_checkpoint(
-            RunPaths.model(paths.spcam),
-            {
-                "model_type": "spcam",
-                "model": model.state_dict(),
-                "config": config_to_dict(cfg),
-                "num_classes": layout.num_classes,
-                "class_names": list(layout.class_names),
-                "backbone": cfg.spcam.backbone,
-                "metrics": {},
-            },
-        )
+        model = build_classifier(cfg.spcam, "spcam", layout.num_classes, pretrained="")
+        payload = classifier_payload("spcam", model.state_dict(), cfg, layout.class_names, {})
+        save_checkpoint(RunPaths.model(paths.spcam), payload)
         save_checkpoint(RunPaths.model(paths.fcn), {"model": build_spixel_fcn("").state_dict()})
         config_path = Path(tmp) / "bench.yaml"
         save_config(cfg, config_path)
         n = len(layout.ids(cfg.data.pseudo_split))
         start = time.perf_counter()
-        with _quiet_root():
-            rc = make_pseudo.main(["-c", str(config_path)])
+        cmd = [sys.executable, "-m", "sp_cam.make_pseudo", "-c", str(config_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
         seconds = time.perf_counter() - start
-        if rc != 0:
-            return {"skipped": f"sp_cam.make_pseudo exited with {rc}"}
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or [""]
+            return {"skipped": f"sp_cam.make_pseudo exited with {proc.returncode}: {tail[0]}"}
         done = len(list(paths.pseudo_labels.glob("*.png")))
     return {
         "images": n,
@@ -847,25 +835,8 @@ def pseudo_throughput(s: BenchSettings) -> dict[str, Any]:
         "images_per_s": n / seconds,
         "image_size": s.pseudo_image_size,
         "backbone": s.pseudo_backbone,
-        "note": "whole command: model loading, scores, sweep, PNGs",
+        "note": "whole command in a child process: start-up, model loading, scores, sweep, PNGs",
     }
-
-
-@contextlib.contextmanager
-def _quiet_root():
-    """Warnings only while the command runs; afterwards drop the handlers it added to the root logger (its log file
-    lives in a temporary folder)."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    root.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-        for h in list(root.handlers):
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -972,7 +943,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"## spcam benchmark: {report['device_name']} ({report['device']}, threads: {report['threads']}, torch "
         f"{report['torch']}){'; QUICK sizes, not the issue-6 figures' if s['quick'] else ''}",
         "",
-        f"Command: `{report.get('command', 'python tools/benchmark.py')}`",
+        f"Command: `{report.get('command', 'python -m tools.benchmark')}`",
         "",
         "| case | median | IQR | min - max | repeats | peak mem (MiB) | note |",
         "|---|---|---|---|---|---|---|",
@@ -1217,7 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report["command"] = " ".join(["python tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    report["command"] = " ".join(["python -m tools.benchmark", *(sys.argv[1:] if argv is None else argv)])
     print(markdown(report))
     if args.json:
         atomic_write_json(Path(args.json), report)

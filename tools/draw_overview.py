@@ -1,6 +1,6 @@
 """Draw the three-stage overview diagram of the README (figures/overview.png) with PIL only.
 
-python tools/draw_overview.py [--out figures/overview.png]
+python -m tools.draw_overview [--out figures/overview.png]
 """
 
 from __future__ import annotations

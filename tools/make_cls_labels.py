@@ -1,27 +1,24 @@
 """Build ``cls_labels.json`` ({id: [foreground class indices]}) from VOC XML annotations or from segmentation masks.
 
-    python tools/make_cls_labels.py --root ROOT --source xml   [--annotations DIR] [--list FILE ...] [--out FILE]
-    python tools/make_cls_labels.py --root ROOT --source masks [--masks DIR] [--list FILE ...] [--out FILE]
+    python -m tools.make_cls_labels --root ROOT --source xml   [--annotations DIR] [--list FILE ...] [--out FILE]
+    python -m tools.make_cls_labels --root ROOT --source masks [--masks DIR] [--list FILE ...] [--out FILE]
 
 Class names come from ``ROOT/labels.txt`` (the 21 VOC names when absent) or ``--class-names``. From XML every
 ``<object><name>`` counts (difficult and truncated objects included, as IRN / PuzzleCAM do); from masks every value
 1..K present (255 and 0 are not classes).
 """
 
-import pathlib
+
+import argparse
 import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import argparse  # noqa: E402
-import xml.etree.ElementTree as ET  # noqa: E402
-from collections.abc import Iterable, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from data.classes import IGNORE_INDEX, read_class_names  # noqa: E402
-from sp_cam.io import atomic_write_json, read_label_png  # noqa: E402
+from data.classes import IGNORE_INDEX, read_class_names
+from sp_cam.io import atomic_write_json, read_label_png
 
 
 def labels_from_xml(path: str | Path, class_names: Sequence[str]) -> list[int]:

@@ -1,20 +1,17 @@
 """Write the built-in toy dataset (VOC layout) to a folder.
 
-    python tools/make_toy_dataset.py --out DIR [--num-train N] [--num-val N] [--size S] [--seed S]
+    python -m tools.make_toy_dataset --out DIR [--num-train N] [--num-val N] [--size S] [--seed S]
 
 Defaults come from the ``toy`` section of the config schema. A folder that already holds exactly this set is left as is.
 """
 
-import pathlib
+
+import argparse
+import logging
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from data.toy import make_toy_dataset  # noqa: E402
-from sp_cam.config import ToyConfig  # noqa: E402
+from data.toy import make_toy_dataset
+from sp_cam.config import ToyConfig
 
 
 def main(argv: list[str] | None = None) -> int:

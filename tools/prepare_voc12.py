@@ -1,6 +1,6 @@
 """Prepare PASCAL VOC 2012 + SBD for training: ``train_aug.txt``, ``cls_labels.json``, optionally SegmentationClassAug.
 
-    python tools/prepare_voc12.py --sbd SBD_DATASET_DIR [--voc VOC2012_DIR] [--aug-masks write]
+    python -m tools.prepare_voc12 --sbd SBD_DATASET_DIR [--voc VOC2012_DIR] [--aug-masks write]
 
 ``--voc`` is the VOC2012 folder (``JPEGImages/``, ``Annotations/``, ``SegmentationClass/``, ``ImageSets/Segmentation/``;
 default from ``dataset_root.py``). ``--sbd`` is SBD's ``benchmark_RELEASE/dataset`` folder (``train.txt``, ``val.txt``,
@@ -13,22 +13,19 @@ default from ``dataset_root.py``). ``--sbd`` is SBD's ``benchmark_RELEASE/datase
   VOC PNG where one exists (with its 255 borders), else from the SBD ``.mat``.
 """
 
-import pathlib
+
+import argparse
+import logging
 import sys
+from pathlib import Path
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import dataset_root  # noqa: E402
-from data.classes import VOC_CLASSES, read_class_names  # noqa: E402
-from sp_cam.io import atomic_write_json, atomic_write_text, read_label_png, write_label_png  # noqa: E402
-from tools.make_cls_labels import build_from_xml, read_id_lists  # noqa: E402
+import dataset_root
+from data.classes import VOC_CLASSES, read_class_names
+from sp_cam.io import atomic_write_json, atomic_write_text, read_label_png, write_label_png
+from tools.make_cls_labels import build_from_xml, read_id_lists
 
 log = logging.getLogger(__name__)
 VOC_LIST_DIR = Path("ImageSets") / "Segmentation"

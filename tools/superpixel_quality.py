@@ -1,6 +1,6 @@
 """Superpixel quality of the stage-1 FCN against scikit-image SLIC at the same superpixel count.
 
-    python tools/superpixel_quality.py --data-root DIR --split NAME [--weights FILE] [--json OUT] [--max-images N]
+    python -m tools.superpixel_quality --data-root DIR --split NAME [--weights FILE] [--json OUT] [--max-images N]
 
 Scores every image of the split that has a GT mask: ASA, boundary recall (r = 2 px) and undersegmentation error
 (Neubert-Protzel; definitions in ``sp_cam/superpixel_metrics.py``), all in percent and averaged over images, the
@@ -13,31 +13,26 @@ FCN must beat. ``--json`` writes ``{"fcn": {"asa", "br", "ue", "n_superpixels", 
 
 from __future__ import annotations
 
-import pathlib
+import argparse
+import logging
+import math
 import sys
+import time
+from pathlib import Path
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from data.transforms import to_tensor_image  # noqa: E402
-from data.voc_layout import VOCLayout  # noqa: E402
-from net.spixel_fcn import SpixelNet, build_spixel_fcn  # noqa: E402
-from sp_cam import superpixel_metrics as M  # noqa: E402
-from sp_cam.io import atomic_write_json  # noqa: E402
-from sp_cam.psam import hard_assignment, pad_to_multiple  # noqa: E402
-from sp_cam.runtime import configure_threads, resolve_device, setup_logging  # noqa: E402
+from data.transforms import to_tensor_image
+from data.voc_layout import VOCLayout
+from net.psam import CELL_SIZE, hard_assignment, pad_to_multiple
+from net.spixel_fcn import INPUT_MULTIPLE, SpixelNet, build_spixel_fcn
+from sp_cam import superpixel_metrics as M
+from sp_cam.io import atomic_write_json
+from sp_cam.runtime import configure_threads, resolve_device, setup_logging
 
 log = logging.getLogger("superpixel_quality")
 
-NET_STRIDE = 16  # SpixelNet input multiple
 SLIC_COMPACTNESS = 10.0  # scikit-image's default compactness for SLIC
 KEYS = ("asa", "br", "ue", "n_superpixels", "ms_per_image")
 
@@ -51,7 +46,7 @@ def _sync(device: torch.device) -> None:
 def fcn_superpixels(model: SpixelNet, image: np.ndarray, cell_size: int, device: torch.device) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) int64 superpixel labels at the original size."""
     x = to_tensor_image(image)[None].to(device)
-    padded, (h, w) = pad_to_multiple(x, math.lcm(NET_STRIDE, cell_size))
+    padded, (h, w) = pad_to_multiple(x, math.lcm(INPUT_MULTIPLE, cell_size))
     labels = hard_assignment(model(padded), cell_size)[0, :h, :w]
     return labels.cpu().numpy()
 
@@ -135,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=str, default="", help="FCN weights (stage-1 model.pt or published file)")
     parser.add_argument("--json", type=str, default="", help="write the results to this JSON file")
     parser.add_argument("--max-images", type=int, default=0, help="score at most N images (0 = all)")
-    parser.add_argument("--cell-size", type=int, default=16, help="superpixel grid cell in pixels")
+    parser.add_argument("--cell-size", type=int, default=CELL_SIZE, help="superpixel grid cell in pixels")
     parser.add_argument("--compactness", type=float, default=SLIC_COMPACTNESS, help="SLIC compactness")
     parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed when no weights are given")

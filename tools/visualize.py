@@ -1,6 +1,6 @@
 """Render, for chosen ids of a finished run, a row of: image / superpixels / CAM / SP-CAM / pseudo label / GT.
 
-    python tools/visualize.py --work-dir WORK_DIR --ids ID [ID ...] [--out FILE] [--height PX] [-c CONFIG]
+    python -m tools.visualize --work-dir WORK_DIR --ids ID [ID ...] [--out FILE] [--height PX] [-c CONFIG]
 
 * superpixels: the trained FCN's hard superpixels (each pixel joins its argmax PSAM cell) drawn as boundaries;
 * CAM: the baseline CAM (step B export of the id if there is one, else the CAM model at the pseudo-label scales), the
@@ -13,25 +13,21 @@ The run's config is WORK_DIR/config.yaml unless ``-c`` names one. Default output
 numpy, PIL and OpenCV only.
 """
 
-import pathlib
+import argparse
+import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from data.classes import label_colormap  # noqa: E402
-from sp_cam.config import Config, ConfigError, load_config  # noqa: E402
-from sp_cam.io import atomic_write, read_label_png  # noqa: E402
-from sp_cam.paths import RunPaths  # noqa: E402
+from data.classes import label_colormap
+from sp_cam.config import Config, ConfigError, load_config
+from sp_cam.io import atomic_write, read_label_png
+from sp_cam.paths import RunPaths
 
 COLUMNS = ("image", "superpixels", "CAM", "SP-CAM", "pseudo label", "GT")
 PAD = 6  # pixels between panels and around the figure
@@ -67,25 +63,25 @@ class RunViews:
     """Loads what a run wrote (and the networks, lazily) to build the panels of one id."""
 
     def __init__(self, cfg: Config) -> None:
-        from data.voc_layout import open_dataset
+        from sp_cam.open_data import open_dataset
 
         self.cfg = cfg
         self.paths = RunPaths.from_work_dir(cfg.run.work_dir)
         self.layout = open_dataset(cfg)
         self._fcn = self._cam = None
-        sel = self.paths.pseudo / "selection.json"
+        sel = self.paths.selection
         self.t = int(json.loads(sel.read_text())["t"]) if sel.is_file() else None
 
     def fcn(self):
         if self._fcn is None:
-            from sp_cam.train_cls import fcn_weights_path, load_frozen_fcn
+            from sp_cam.models import fcn_weights_path, load_frozen_fcn
 
-            self._fcn = load_frozen_fcn(fcn_weights_path(self.cfg, self.paths), torch.device("cpu"))
+            self._fcn = load_frozen_fcn(fcn_weights_path(self.cfg), torch.device("cpu"))
         return self._fcn
 
     def cam_model(self):
         if self._cam is None:
-            from sp_cam.train_cls import load_classifier
+            from sp_cam.models import load_classifier
 
             path = RunPaths.model(self.paths.cam)
             self._cam = load_classifier(path, "cam") if path.is_file() else False
@@ -112,7 +108,7 @@ class RunViews:
         from sp_cam.cam_store import load_cam
 
         k = self.layout.num_classes
-        path = self.paths.cams / f"{image_id}.npz"
+        path = self.paths.cam_file(image_id)
         if path.is_file():
             return load_cam(path, k, image.shape[:2]).max(0)
         model = self.cam_model()
@@ -127,14 +123,15 @@ class RunViews:
         return scores.max(0).values.numpy() if scores.shape[0] else np.zeros(image.shape[:2], np.float32)
 
     def spcam_heat(self, image_id: str) -> np.ndarray | None:
-        path = self.paths.pseudo / "scores" / f"{image_id}.npz"
+        from sp_cam.score_store import fused_at, load_scores
+
+        path = self.paths.scores_file(image_id)
         if not path.is_file() or self.t is None:
             return None
-        with np.load(path, allow_pickle=False) as z:
-            ts = z["t_list"].tolist()
-            scores = z["scores"][ts.index(self.t)].astype(np.float32)
-            size = tuple(int(v) for v in z["size"])
-        return scores.max(0) if scores.shape[0] else np.zeros(size, np.float32)
+        arrays = load_scores(path)
+        _, fused = fused_at(arrays, self.t)
+        size = tuple(int(v) for v in arrays["size"])
+        return fused.max(0).values.numpy() if fused.shape[0] else np.zeros(size, np.float32)
 
     def row(self, image_id: str) -> list[tuple[np.ndarray, str]]:
         """The six panels of an id at full resolution, each with a note ("" when present)."""
@@ -142,7 +139,7 @@ class RunViews:
         h, w = image.shape[:2]
         cam = self.cam_heat(image_id, image)
         sp = self.spcam_heat(image_id)
-        png = self.paths.pseudo_labels / f"{image_id}.png"
+        png = self.paths.pseudo_label(image_id)
         mask = self.layout.load_mask(image_id)
         return [
             (image, ""),
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"run config not found: {config} (pass -c CONFIG)")
         cfg = load_config(config, [f"run.work_dir={args.work_dir}", "run.device=cpu"])
         figure = render(cfg, args.ids, args.height)
-        out = args.out or args.work_dir / "figures" / "visualize.png"
+        out = args.out or RunPaths.from_work_dir(args.work_dir).figures / "visualize.png"
         atomic_write(out, lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The reference's slow formulations of the PSAM operators, kept only for comparison and benchmarking.
 
-Same shapes and semantics as :mod:`sp_cam.psam` (see its shape shorthand); functions carry a ``_reference`` suffix.
+Same shapes and semantics as :mod:`net.psam` (see its shape shorthand); functions carry a ``_reference`` suffix.
 These follow SpixelFCN's ``poolfeat`` / ``upfeat`` and SP-CAM's ``calc_affmat`` as described in spec 2.2-2.3:
 
 * pooling and upsampling build nine shifted full-resolution tensors, one per candidate cell;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sp_cam.psam import DEFAULT_EPS, NUM_CANDIDATES, NUM_OFFSETS, _check_psam_shape
+from net.psam import CELL_SIZE, DEFAULT_EPS, NUM_CANDIDATES, NUM_OFFSETS, _check_psam_shape
 
 _TILE = 5  # colours per axis of the ASAM tiling: any 5x5 window of cells sees 25 distinct colours
 
@@ -29,7 +29,7 @@ def _shift_cells(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return xp[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
 
-def psam_upsample_reference(g: torch.Tensor, q: torch.Tensor, cell_size: int = 16) -> torch.Tensor:
+def psam_upsample_reference(g: torch.Tensor, q: torch.Tensor, cell_size: int = CELL_SIZE) -> torch.Tensor:
     """U_Q as in SpixelFCN ``upfeat``: nine shifted grids, each nearest-upsampled to pixels and weighted by q_k.
 
     Args:
@@ -47,7 +47,7 @@ def psam_upsample_reference(g: torch.Tensor, q: torch.Tensor, cell_size: int = 1
 
 
 def psam_pool_reference(
-    f: torch.Tensor, q: torch.Tensor, cell_size: int = 16, eps: float = DEFAULT_EPS
+    f: torch.Tensor, q: torch.Tensor, cell_size: int = CELL_SIZE, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
     """P_Q as in SpixelFCN ``poolfeat``: for each candidate, average-pool ``[f, 1] * q_k`` and send it to cell c + o_k.
 
@@ -85,7 +85,7 @@ def _offset_lookup(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 def asam_reference(
-    q: torch.Tensor, cell_size: int = 16, renormalize: bool = False, eps: float = DEFAULT_EPS
+    q: torch.Tensor, cell_size: int = CELL_SIZE, renormalize: bool = False, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
     """ASAM as the reference computes it: pool back an upsampled 25-colour tiling, then reorder colours to offsets.
 

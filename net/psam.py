@@ -19,7 +19,7 @@ Conventions (spec section 0)
 
 The formulations are the exact fast ones of spec 8.3: per-cell batched products plus a 3x3 unfold (gather from the 9
 candidate cells) or a 3x3 fold (its adjoint: scatter to the 9 candidate cells). No nine shifted full-resolution copies are
-made; :mod:`sp_cam.psam_reference` keeps the reference's slow forms for comparison.
+made; :mod:`net.psam_reference` keeps the reference's slow forms for comparison.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+CELL_SIZE = 16  # superpixel grid cell in pixels (published: 16); the classifiers' output stride matches it
 NUM_CANDIDATES = 9  # 3x3 candidate cells per pixel
 NUM_OFFSETS = 25  # 5x5 ASAM window
 PSAM_SUM_ATOL = 1e-3  # check_psam: tolerance on the channel sum of a PSAM
@@ -52,7 +53,7 @@ def _check_psam_shape(q: torch.Tensor, cell_size: int) -> tuple[int, int]:
     return H // cell_size, W // cell_size
 
 
-def check_psam(q: torch.Tensor, cell_size: int = 16) -> None:
+def check_psam(q: torch.Tensor, cell_size: int = CELL_SIZE) -> None:
     """Validate a PSAM: shape (B, 9, H, W), H and W multiples of ``cell_size``, non-negative channels summing to 1.
 
     Raises:
@@ -96,7 +97,7 @@ def _scatter3(v: torch.Tensor) -> torch.Tensor:
     return F.fold(v.reshape(B, C * K, h * w), output_size=(h, w), kernel_size=3, padding=1)
 
 
-def psam_upsample(g: torch.Tensor, q: torch.Tensor, cell_size: int = 16) -> torch.Tensor:
+def psam_upsample(g: torch.Tensor, q: torch.Tensor, cell_size: int = CELL_SIZE) -> torch.Tensor:
     """PSAM upsampling U_Q (cells -> pixels): ``out(p) = sum_k q_k(p) * g(c(p) + o_k)``, g = 0 outside the grid.
 
     Args:
@@ -119,7 +120,7 @@ def psam_upsample(g: torch.Tensor, q: torch.Tensor, cell_size: int = 16) -> torc
     return out.reshape(B, C, h * cell_size, w * cell_size)
 
 
-def psam_pool(f: torch.Tensor, q: torch.Tensor, cell_size: int = 16, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def psam_pool(f: torch.Tensor, q: torch.Tensor, cell_size: int = CELL_SIZE, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """PSAM pooling P_Q (pixels -> cells): ``out(s) = sum_p q(p, s) f(p) / (sum_p q(p, s) + eps * S^2)``.
 
     ``eps`` has the reference's meaning: SpixelFCN adds it to the 16x16 *average-pooled* denominator, i.e. ``eps * S^2``
@@ -163,7 +164,7 @@ def _asam_index() -> list[int]:
 _ASAM_INDEX = _asam_index()
 
 
-def asam(q: torch.Tensor, cell_size: int = 16, renormalize: bool = False, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def asam(q: torch.Tensor, cell_size: int = CELL_SIZE, renormalize: bool = False, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """ASAM in closed form (spec 2.3): ``A(s, s + d) = sum_p q(p, s) q(p, s + d) / (sum_p q(p, s) + eps * S^2)``.
 
     Computed from per-cell 9x9 Gram statistics ``G_c[k, l] = sum_{p in c} q_k(p) q_l(p)`` folded to offsets:
@@ -316,7 +317,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return F.pad(x, (0, pw, 0, ph)), (H, W)
 
 
-def hard_assignment(q: torch.Tensor, cell_size: int = 16) -> torch.Tensor:
+def hard_assignment(q: torch.Tensor, cell_size: int = CELL_SIZE) -> torch.Tensor:
     """Hard superpixel labels: each pixel goes to its most associated in-grid candidate cell ``c(p) + o_k``.
 
     Args:
