@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,47 @@ def label_colormap(n: int = 256) -> np.ndarray:
     return cmap
 
 
+_INDEXED_LINE = re.compile(r"^(\d+)[ \t]+(\S.*)$")  # "<index><TAB or spaces><name>"
+
+
 def read_class_names(path: str | Path) -> tuple[str, ...]:
-    """Class names from a ``labels.txt`` (one per line, background first); the VOC names if the file is absent."""
+    """Class names from a ``labels.txt``, background first; the VOC names if the file is absent.
+
+    Two formats, told apart by the first non-blank line:
+
+    * one name per line (``background``, ``aeroplane``, ...), as ``tools/prepare_*.py`` and the toy generator write;
+    * ``<index><TAB><name>`` or ``<index> <name>`` lines with indices 0, 1, ..., K in order, as deeplab-pytorch's
+      ``labels.txt`` and ``tools/deeplab_handoff.py`` write.
+
+    Names may contain spaces ("traffic light"); blank lines are skipped. A malformed line, a duplicate name or fewer
+    than two names is one error naming the file (and the line).
+    """
     path = Path(path)
     if not path.is_file():
         return VOC_CLASSES
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the class names ({e})") from None
+    lines = [(no, line.strip()) for no, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    indexed = bool(lines) and _INDEXED_LINE.match(lines[0][1]) is not None
+    names: list[str] = []
+    for no, line in lines:
+        if not indexed:
+            names.append(line)
+            continue
+        m = _INDEXED_LINE.match(line)
+        if m is None or int(m.group(1)) != len(names):
+            raise ValueError(
+                f"{path}:{no}: expected '{len(names)}<TAB><name>' (indices 0..K in order, as on line "
+                f"{lines[0][0]}), got {line!r}"
+            )
+        names.append(m.group(2).strip())
     if len(names) < 2:
         raise ValueError(f"{path}: expected background plus at least one class name, one per line")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate class names")
-    return names
+    seen: dict[str, int] = {}
+    for (no, _), name in zip(lines, names, strict=True):
+        if name in seen:
+            raise ValueError(f"{path}:{no}: duplicate class name {name!r} (first on line {seen[name]})")
+        seen[name] = no
+    return tuple(names)

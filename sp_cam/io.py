@@ -71,19 +71,47 @@ def write_label_png(path: str | Path, label: np.ndarray) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def _png_pixel_kind(img: Image.Image) -> str | None:
+    """None for a palette PNG or an 8-bit grey PNG; else a short description of what the PNG holds ("16-bit grey")."""
+    if img.mode == "P":
+        return None  # any bit depth: the stored palette index is the class
+    args = (img.tile[0].args if hasattr(img.tile[0], "args") else img.tile[0][3]) if img.tile else img.mode
+    rawmode = args if isinstance(args, str) else str(args[0])  # "L", "L;4", "I;16B", ...: the bit depth on disk
+    if img.mode == "L":
+        return None if rawmode == "L" else f"{rawmode.partition(';')[2] or '?'}-bit grey"
+    if img.mode.startswith("I;16") or rawmode.startswith("I;16"):
+        return "16-bit grey"
+    return {"I": "32-bit grey", "1": "1-bit", "RGB": "RGB colour", "RGBA": "RGBA colour"}.get(img.mode, img.mode)
+
+
 def read_label_png(path: str | Path) -> np.ndarray:
-    """Read a palette or grey PNG of class indices as (H, W) uint8. RGB images are refused."""
+    """Read a PNG of class indices as (H, W) uint8.
+
+    Accepted: palette (P, any bit depth: the palette index is the class) and 8-bit grey (L). Refused with one line
+    naming the file: RGB/RGBA (colours, not indices), 16-bit or 32-bit grey (``I;16``, ``I``: in a uint8 map a value
+    such as 258 would silently become 2), grey below 8 bits (PIL rescales those to 0..255), and files that are not
+    PNGs.
+    """
     path = Path(path)
     try:
         img = Image.open(path)
-        img.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"label PNG not found: {path}") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
-    if img.mode not in ("P", "L", "I", "I;16"):
-        raise ValueError(f"{path}: expected a palette or grey PNG of class indices, got mode {img.mode}")
-    return np.asarray(img).astype(np.uint8)
+    with img:
+        if img.format != "PNG":
+            raise ValueError(f"{path}: a {img.format} file, expected a PNG of class indices")
+        kind = _png_pixel_kind(img)
+        if kind is not None:
+            raise ValueError(
+                f"{path}: {kind} PNG (mode {img.mode}), expected an 8-bit palette (P) or grey (L) PNG of class indices"
+            )
+        try:
+            img.load()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from None
+        return np.asarray(img, dtype=np.uint8).copy()
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

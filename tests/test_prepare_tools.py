@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from sp_cam.io import read_label_png, write_label_png
 from tools import make_cls_labels, prepare_coco14, prepare_voc12
 
@@ -116,25 +117,11 @@ def test_prepare_voc12_errors(tmp_path, capsys):
 
 # -------------------------------------------------------------------- prepare_coco14
 
-
-def rle_encode_string(counts: list[int]) -> str:
-    """COCO's compressed RLE string (maskApi.c rleToString), to test the decoder."""
-    out = []
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+COCO_CATEGORIES = [{"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:], strict=True)]
 
 
 def rle_counts(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts (column-major runs, starting with 0s), written out by hand."""
     flat = mask.T.reshape(-1).astype(int)
     counts, cur, n = [], 0, 0
     for v in flat:
@@ -146,19 +133,22 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     return counts
 
 
-def test_rle_decoders():
-    rng = np.random.default_rng(0)
-    mask = rng.random((7, 9)) > 0.6
-    counts = rle_counts(mask)
-    np.testing.assert_array_equal(prepare_coco14.rle_decode(counts, 7, 9), mask)
-    assert prepare_coco14.rle_string_to_counts(rle_encode_string(counts)) == counts
-    big = [3000, 1, 70000, 2]
-    assert prepare_coco14.rle_string_to_counts(rle_encode_string(big)) == big
+def compressed_rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
 
 
-def make_coco(tmp_path: Path) -> Path:
+def write_instances(coco: Path, split: str, raw: dict) -> Path:
+    path = coco / "annotations" / f"instances_{split}2014.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def make_coco(tmp_path: Path, categories: list[dict] | None = None) -> Path:
     coco = tmp_path / "coco"
-    (coco / "annotations").mkdir(parents=True)
     crowd = np.zeros((10, 12), bool)
     crowd[8:, :] = True
     train = {
@@ -176,10 +166,11 @@ def make_coco(tmp_path: Path) -> Path:
             {"id": 3, "image_id": 9, "category_id": 90, "iscrowd": 1, "area": 24.0,
              "segmentation": {"counts": rle_counts(crowd), "size": [10, 12]}},
             {"id": 4, "image_id": 25, "category_id": 3, "iscrowd": 0, "area": 4.0,
-             "segmentation": {"counts": rle_encode_string(rle_counts(crowd)), "size": [10, 12]}},
+             "segmentation": compressed_rle(crowd)},
         ],
+        "categories": COCO_CATEGORIES if categories is None else categories,
     }  # fmt: skip
-    (coco / "annotations" / "instances_train2014.json").write_text(json.dumps(train))
+    write_instances(coco, "train", train)
     return coco
 
 
@@ -196,19 +187,128 @@ def test_prepare_coco14(tmp_path, capsys):
     assert m.shape == (10, 12)
     assert m[3, 3] == 17  # the small dog stays on top of the larger person
     assert m[1, 1] == 1 and m[0, 10] == 0
-    assert (m[9] == 80).all() and m[8, 10] == 80  # crowd toothbrush (RLE)
+    assert (m[9] == 80).all() and m[8, 10] == 80  # crowd toothbrush (uncompressed RLE), painted first
     m2 = read_label_png(coco / "SegmentationClass" / "COCO_train2014_000000000025.png")
     assert (m2[8:] == 3).all() and (m2[:8] == 0).all()  # compressed RLE string
     capsys.readouterr()
 
 
-def test_prepare_coco14_errors(tmp_path, capsys):
-    coco = make_coco(tmp_path)
-    raw = json.loads((coco / "annotations" / "instances_train2014.json").read_text())
-    raw["annotations"][0]["category_id"] = 12  # not a COCO-80 id
-    (coco / "annotations" / "instances_train2014.json").write_text(json.dumps(raw))
+def test_non_coco_category_ids_are_mapped_by_name(tmp_path, capsys):
+    # ids that are not COCO's: 18 is "person" here (COCO: dog), 1 is "bottle" (COCO: person), 90 is "dog"
+    cats = [{"id": 18, "name": "person"}, {"id": 1, "name": "bottle"}, {"id": 90, "name": "dog"},
+            {"id": 3, "name": "car"}]  # fmt: skip
+    coco = make_coco(tmp_path, cats)
+    assert prepare_coco14.main(["--coco", str(coco), "--splits", "train"]) == 0
+    person, bottle, dog = (COCO_CLASSES.index(n) for n in ("person", "bottle", "dog"))
+    m = read_label_png(coco / "SegmentationClass" / "COCO_train2014_000000000009.png")
+    assert m[3, 3] == person and m[1, 1] == bottle and m[9, 0] == dog
+    labels = json.loads((coco / "cls_labels.json").read_text())
+    assert labels["COCO_train2014_000000000009"] == sorted([person, bottle, dog])
+    # the same file against a custom class list (deeplab-style "<index><TAB><name>" lines)
+    (tmp_path / "labels.txt").write_text("0\tbackground\n1\tdog\n2\tbottle\n3\tperson\n4\tcar\n")
+    coco2 = make_coco(tmp_path / "b", cats)
+    assert (
+        prepare_coco14.main(["--coco", str(coco2), "--splits", "train", "--labels", str(tmp_path / "labels.txt")]) == 0
+    )
+    m = read_label_png(coco2 / "SegmentationClass" / "COCO_train2014_000000000009.png")
+    assert m[3, 3] == 3 and m[1, 1] == 2 and m[9, 0] == 1 and m.max() == 3
+    assert (coco2 / "labels.txt").read_text().split() == ["background", "dog", "bottle", "person", "car"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "categories, message",
+    [
+        ([{"id": 18, "name": "unicorn"}], "category 18 'unicorn' is not in the class list"),
+        ([{"id": 18, "name": "dog"}, {"id": 18, "name": "cat"}], "duplicate category id 18"),
+        ([{"id": 18, "name": "dog"}, {"id": 19, "name": "dog"}], "duplicate category name 'dog'"),
+        ([{"id": 18, "name": "background"}], "the background class"),
+        ([{"id": 18, "name": "dog"}], "category id 1 is not in 'categories'"),  # annotation 2 uses id 1
+        ([{"id": 18}], "has no integer 'id' and 'name'"),
+    ],
+)
+def test_bad_categories_are_refused(tmp_path, capsys, categories, message):
+    coco = make_coco(tmp_path, categories)
     assert prepare_coco14.main(["--coco", str(coco), "--splits", "train"]) == 2
     err = capsys.readouterr().err
-    assert "instances_train2014.json" in err and "category id 12" in err
+    assert err.startswith("error: ") and "instances_train2014.json" in err and message in err
+    assert err.count("\n") == 1
+    assert not (coco / "SegmentationClass").exists()
+
+
+def test_masks_equal_pycocotools(tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    rng = np.random.default_rng(0)
+    h, w = 23, 31
+    blob = np.zeros((h, w), bool)
+    blob[5:17, 9:27] = True
+    blob[rng.random((h, w)) < 0.15] ^= True
+    anns = [
+        {"id": 1, "category_id": 1, "iscrowd": 0, "area": 120.5,  # two-part polygon, sub-pixel vertices
+         "segmentation": [[1.3, 2.7, 14.2, 1.1, 12.9, 13.6, 3.4, 11.8], [20.5, 15.5, 29.9, 16.2, 25.1, 22.4]]},
+        {"id": 2, "category_id": 18, "iscrowd": 0, "area": 40.0,  # on the border of the image
+         "segmentation": [[0, 0, 30.99, 0, 30.99, 4.2, 0, 6.5]]},
+        {"id": 3, "category_id": 62, "iscrowd": 1, "area": float(blob.sum()),  # crowd, uncompressed RLE
+         "segmentation": {"counts": rle_counts(blob), "size": [h, w]}},
+        {"id": 4, "category_id": 44, "iscrowd": 0, "area": 25.0,  # compressed RLE string
+         "segmentation": compressed_rle(np.roll(blob, 7, axis=1) & ~blob)},
+        {"id": 5, "category_id": 3, "iscrowd": 0, "area": 30.0,  # polygon with a degenerate two-vertex part
+         "segmentation": [[16.0, 3.0, 22.0, 3.0, 19.0, 9.5], [2.0, 2.0, 9.0, 9.0]]},
+    ]  # fmt: skip
+    for ann in anns:
+        ann["image_id"] = 7
+    raw = {
+        "images": [{"id": 7, "file_name": "COCO_val2014_000000000007.jpg", "height": h, "width": w}],
+        "annotations": anns,
+        "categories": COCO_CATEGORIES,
+    }
+    coco = tmp_path / "coco"
+    path = write_instances(coco, "val", raw)
+    api = COCO(str(path))
+    for ann in anns:
+        ref = api.annToMask(ann).astype(bool)
+        assert ref.any()
+        np.testing.assert_array_equal(prepare_coco14.annotation_mask(ann["segmentation"], h, w), ref)
+    assert prepare_coco14.main(["--coco", str(coco), "--splits", "val"]) == 0
+    # the documented order: crowd first, then by decreasing area, each painting over what lies below
+    cls = dict(zip(COCO_CATEGORY_IDS, range(1, 81), strict=True))
+    expected = np.zeros((h, w), np.uint8)
+    for ann in sorted(anns, key=lambda a: (not a["iscrowd"], -a["area"])):
+        expected[api.annToMask(ann).astype(bool)] = cls[ann["category_id"]]
+    got = read_label_png(coco / "SegmentationClass" / "COCO_val2014_000000000007.png")
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(got)) == 6  # background and all five annotations are visible
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "segmentation, message",
+    [
+        ({"counts": [120], "size": [10, 13]}, "RLE size [10, 13] differs from the image size [10, 12]"),
+        ({"counts": [100], "size": [10, 12]}, "RLE counts sum to 100, expected 120"),
+        ([[1, 1, 5, 1, 5]], "odd number of coordinates"),
+        ("polygon", "unsupported segmentation of type str"),
+    ],
+)
+def test_bad_segmentations(tmp_path, capsys, segmentation, message):
+    coco = make_coco(tmp_path)
+    raw = json.loads((coco / "annotations" / "instances_train2014.json").read_text())
+    raw["annotations"][1]["segmentation"] = segmentation
+    write_instances(coco, "train", raw)
+    assert prepare_coco14.main(["--coco", str(coco), "--splits", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "instances_train2014.json: annotation 2: " in err and message in err and err.count("\n") == 1
+
+
+def test_prepare_coco14_errors(tmp_path, capsys):
+    coco = make_coco(tmp_path)
     assert prepare_coco14.main(["--coco", str(coco), "--splits", "val"]) == 2
     assert "instances_val2014.json" in capsys.readouterr().err
+    assert prepare_coco14.main(["--coco", str(coco), "--labels", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    raw = json.loads((coco / "annotations" / "instances_train2014.json").read_text())
+    del raw["categories"]
+    write_instances(coco, "train", raw)
+    assert prepare_coco14.main(["--coco", str(coco), "--splits", "train"]) == 2
+    assert "missing 'categories'" in capsys.readouterr().err
