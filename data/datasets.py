@@ -22,7 +22,7 @@ CamLoader = Callable[[str, tuple[int, int]], np.ndarray]  # (id, (H, W)) -> (K, 
 
 
 class TrainDataset(Dataset):
-    """Augmented training crops (spec 1.3).
+    """Augmented training crops (docs/method.md §1.3).
 
     Args:
         layout: the dataset folder.

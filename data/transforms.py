@@ -1,4 +1,4 @@
-"""Training and inference transforms (ref: PuzzleCAM augmentation as used by SP-CAM, spec 1.3 and 4 step 1).
+"""Training and inference transforms (ref: PuzzleCAM augmentation as used by SP-CAM, docs/method.md §1.3 and 4 step 1).
 
 Training, applied jointly to the image, the saliency map and any extra per-pixel maps (e.g. CAMs):
 random long-side resize (image bicubic, saliency nearest, maps bilinear) -> horizontal flip (p = 0.5) -> ImageNet
@@ -142,7 +142,7 @@ def random_crop_pad(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
     """Crop / zero-pad jointly to ``crop_size`` x ``crop_size``.
 
-    Padding is 0 everywhere: image 0 after normalisation (the mean colour, ref), maps 0 (ref), saliency 0 (decision D5;
+    Padding is 0 everywhere: image 0 after normalisation (the mean colour, ref), maps 0 (ref), saliency 0 (docs/decisions.md D5;
     the reference pads dim maps with 255).
 
     Args:
@@ -168,7 +168,7 @@ def random_crop_pad(
 
 
 def padded_size(h: int, w: int, scale: float, cell_size: int = CELL_SIZE) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Target and padded sizes of a scale (spec 4 step 1).
+    """Target and padded sizes of a scale (docs/method.md §4 step 1).
 
     Returns:
         ``(round(H*s), round(W*s))`` (Python rounding, as the reference) and the same rounded up to multiples of
@@ -178,8 +178,10 @@ def padded_size(h: int, w: int, scale: float, cell_size: int = CELL_SIZE) -> tup
     return (th, tw), (math.ceil(th / cell_size) * cell_size, math.ceil(tw / cell_size) * cell_size)
 
 
-def inference_inputs(image: torch.Tensor, scale: float, cell_size: int = CELL_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier and superpixel-FCN inputs of one scale (spec 4 step 1, decision D17).
+def inference_inputs(
+    image: torch.Tensor, scale: float, cell_size: int = CELL_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier and superpixel-FCN inputs of one scale (docs/method.md §4 step 1, docs/decisions.md D17).
 
     The classifier input is resized twice (to ``round(H0*s)``, then up to the multiple of ``cell_size``), the FCN input
     once, straight to the padded size; both bilinear with ``align_corners=False``.

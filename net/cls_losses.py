@@ -1,10 +1,10 @@
-"""Stage-A / stage-2 classifier losses (spec 3.4: ``SP_CAM_Loss``; the same code serves the CAM baseline).
+"""Stage-A / stage-2 classifier losses (docs/method.md §3.4: ``SP_CAM_Loss``; the same code serves the CAM baseline).
 
 Shape shorthand: B batch, K foreground classes, channel 0 of the logits is the background, h x w the logit grid.
 
 The saliency given to :func:`eps_saliency_loss` must already live on the logit grid: the CAM baseline resizes the
-saliency map to (h, w) with nearest interpolation (spec 3.0); SP-CAM uses the PSAM-pooled saliency
-``psam_pool(sal, Q)`` (spec 3.3). :func:`classifier_loss` does both and adds the terms as the trainer uses them.
+saliency map to (h, w) with nearest interpolation (docs/method.md §3.0); SP-CAM uses the PSAM-pooled saliency
+``psam_pool(sal, Q)`` (docs/method.md §3.3). :func:`classifier_loss` does both and adds the terms as the trainer uses them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Multi-label classification loss on the global-average-pooled (SP-)CAM (spec 3.4).
+    """Multi-label classification loss on the global-average-pooled (SP-)CAM (docs/method.md §3.4).
 
     Args:
         logits: (B, K+1, h, w).
@@ -50,7 +50,7 @@ def eps_saliency_loss(
     tau: float,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """EPS saliency loss (spec 3.4).
+    """EPS saliency loss (docs/method.md §3.4).
 
     ``P = softmax(logits)``; a present class c is valid when
     ``sum_s round(P_c) round(sal) / (sum_s round(P_c) + 1e-4) > tau`` (on detached P);
@@ -95,7 +95,7 @@ def eps_saliency_loss(
 def saliency_on_grid(
     sal: torch.Tensor, psam: torch.Tensor | None, grid: tuple[int, int], cell_size: int = CELL_SIZE
 ) -> torch.Tensor:
-    """(B, 1, S, S) saliency -> (B, 1, h, w): PSAM pooling for SP-CAM (spec 3.3), nearest resize for CAM (spec 3.0)."""
+    """(B, 1, S, S) saliency -> (B, 1, h, w): PSAM pooling for SP-CAM (docs/method.md §3.3), nearest resize for CAM (docs/method.md §3.0)."""
     if psam is not None:
         return psam_pool(sal, psam, cell_size=cell_size)
     return F.interpolate(sal, size=tuple(grid), mode="nearest")
@@ -110,7 +110,7 @@ def classifier_loss(
     tau: float,
     cell_size: int = CELL_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss of stages A and 2: multilabel + ``alpha`` * EPS saliency loss (spec 3.4).
+    """The loss of stages A and 2: multilabel + ``alpha`` * EPS saliency loss (docs/method.md §3.4).
 
     Args:
         logits: (B, K+1, h, w) float32 (CAM or SP-CAM logits).

@@ -1,4 +1,4 @@
-"""Stage-1 loss of the superpixel FCN (spec 2.4, ref ``core/loss.py: QLoss``): reconstruction plus affinity terms.
+"""Stage-1 loss of the superpixel FCN (docs/method.md §2.4, ref ``core/loss.py: QLoss``): reconstruction plus affinity terms.
 
 Shape shorthand: B batch, H x W pixels (multiples of the cell size S), h x w grid cells, K foreground classes.
 
@@ -9,7 +9,7 @@ Shape shorthand: B batch, H x W pixels (multiples of the cell size S), h x w gri
   Labels-only mode (datasets without saliency maps; SpixelFCN's unsupervised setting): the features are CIELAB colour
   (in units of 100, so L is in [0, 1]) + position; ``L_color = color_weight * sum_p ||R_lab(p) - lab(p)||_2 / B``.
 * Affinity labels (no gradient): CAMs pooled to cells with the PSAM, thresholded into a label per cell
-  (0 = background, 1..K, K + 1 = ignore; D11 generalises the reference's 21/22 channels).
+  (0 = background, 1..K, K + 1 = ignore; docs/decisions.md D11 generalises the reference's 21/22 channels).
 * L_press = ``sum_s interior(s) * relu(A(s, s) - relu_t) / B``; L_diff = ``sum_{s,d} diff(s, d) * A(s, s + d) / B``;
   total ``L_p + press_weight * L_press + diff_weight * L_diff`` once the trainer switches the affinity terms on.
 
@@ -72,7 +72,7 @@ def pixel_coordinates(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tenso
 def affinity_labels(
     cam_sp: torch.Tensor, th_bg: float, th_step: float, th_fg: float, ignore: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Superpixel labels from pooled CAMs (spec 2.4 b).
+    """Superpixel labels from pooled CAMs (docs/method.md §2.4 b).
 
     Args:
         cam_sp: (B, K, h, w) foreground scores per cell (class c in channel c - 1).

@@ -1,4 +1,4 @@
-"""BatchNorm with frozen statistics (spec 3.1): always normalise with the running statistics, never update them.
+"""BatchNorm with frozen statistics (docs/method.md §3.1): always normalise with the running statistics, never update them.
 
 The reference backbones keep every BN layer (including those inside ResNeSt's split attention) in "eval" behaviour
 whatever the module's train/eval mode, while gamma and beta stay trainable. :func:`freeze_bn_stats` converts a built

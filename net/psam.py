@@ -10,14 +10,14 @@ Shape shorthand
     H, W: pixel height and width, multiples of S
     h, w: grid height and width, ``h = H // S``, ``w = W // S``; one superpixel per grid cell
 
-Conventions (spec section 0)
+Conventions (docs/method.md §0)
     PSAM ``q``: (B, 9, H, W), a softmax over the 9 channels at every pixel. Channel k is the association of pixel p with the
         cell ``c(p) + o_k``, ``o_k = (k // 3 - 1, k % 3 - 1)`` (row-major 3x3, 4 = own cell). Candidate cells outside the
         grid are dropped (zero padding), as in the reference.
     ASAM ``a``: (B, 25, h, w). Channel j is the affinity from cell s to cell ``s + d_j``, ``d_j = (j // 5 - 2, j % 5 - 2)``
         (12 = self-affinity).
 
-The formulations are the exact fast ones of spec 8.3: per-cell batched products plus a 3x3 unfold (gather from the 9
+The formulations are the exact fast ones of docs/method.md §8.3: per-cell batched products plus a 3x3 unfold (gather from the 9
 candidate cells) or a 3x3 fold (its adjoint: scatter to the 9 candidate cells). No nine shifted full-resolution copies are
 made; :mod:`net.psam_reference` keeps the reference's slow forms for comparison.
 """
@@ -155,7 +155,7 @@ def _asam_index() -> list[int]:
     table = [zero] * (NUM_OFFSETS * NUM_CANDIDATES)
     o3 = _offsets3()
     for k, (ky, kx) in enumerate(o3):
-        for l, (ly, lx) in enumerate(o3):  # noqa: E741 - k, l as in the spec
+        for l, (ly, lx) in enumerate(o3):  # noqa: E741 - k, l as in docs/method.md §8.3
             j = (ly - ky + 2) * 5 + (lx - kx + 2)
             table[j * NUM_CANDIDATES + k] = k * NUM_CANDIDATES + l
     return table
@@ -164,8 +164,10 @@ def _asam_index() -> list[int]:
 _ASAM_INDEX = _asam_index()
 
 
-def asam(q: torch.Tensor, cell_size: int = CELL_SIZE, renormalize: bool = False, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """ASAM in closed form (spec 2.3): ``A(s, s + d) = sum_p q(p, s) q(p, s + d) / (sum_p q(p, s) + eps * S^2)``.
+def asam(
+    q: torch.Tensor, cell_size: int = CELL_SIZE, renormalize: bool = False, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """ASAM in closed form (docs/method.md §2.3): ``A(s, s + d) = sum_p q(p, s) q(p, s + d) / (sum_p q(p, s) + eps * S^2)``.
 
     Computed from per-cell 9x9 Gram statistics ``G_c[k, l] = sum_{p in c} q_k(p) q_l(p)`` folded to offsets:
     ``N(c + o_k, o_l - o_k) += G_c[k, l]``, ``Z(c + o_k) += sum_{p in c} q_k(p)``, ``A = N / (Z + eps * S^2)`` (the eps of
@@ -175,7 +177,7 @@ def asam(q: torch.Tensor, cell_size: int = CELL_SIZE, renormalize: bool = False,
 
     Args:
         q: (B, 9, H, W) PSAM.
-        renormalize: divide every row by its sum (decision D6; the reference does not).
+        renormalize: divide every row by its sum (docs/decisions.md D6; the reference does not).
     Returns:
         (B, 25, h, w).
     """
@@ -205,7 +207,7 @@ def walk_step(g: torch.Tensor, a: torch.Tensor, form: str | None = None) -> torc
     """One random-walk step on the grid: ``out(s) = sum_j a_j(s) * g(s + d_j)``, g = 0 outside the grid.
 
     Equals ``psam_pool(psam_upsample(g, q), q)`` when ``a = asam(q)``. Two exact forms of the same sum:
-    ``stencil``, 25 multiply-adds of shifted views (the fastest on CPU, spec 11), and ``unfold``, one 5x5 unfold and one
+    ``stencil``, 25 multiply-adds of shifted views (the fastest on CPU, docs/method.md §11), and ``unfold``, one 5x5 unfold and one
     contraction (a few kernel launches instead of 25, the fastest on CUDA, where the walk is launch-bound).
 
     Args:
@@ -269,7 +271,7 @@ def random_walk_multi(g: torch.Tensor, a: torch.Tensor, t_list: list[int]) -> di
 
 
 def drm_redistribute(z: torch.Tensor, w: torch.Tensor, border: str = "zero") -> torch.Tensor:
-    """DRM redistribution (spec 3.2 step 5): ``out(t) = sum_k w_k(t + o_k) * z(t + o_k)``, zero outside the grid.
+    """DRM redistribution (docs/method.md §3.2 step 5): ``out(t) = sum_k w_k(t + o_k) * z(t + o_k)``, zero outside the grid.
 
     Each source cell s sends the fraction ``w_k(s)`` of its value to the cell ``s - o_k = s + o_{8-k}``: a 3x3 fold of
     ``w * z`` with the kernel index mirrored. Mass is preserved away from the border when ``w`` sums to 1 over k.

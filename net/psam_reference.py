@@ -1,7 +1,7 @@
 """The reference's slow formulations of the PSAM operators, kept only for comparison and benchmarking.
 
 Same shapes and semantics as :mod:`net.psam` (see its shape shorthand); functions carry a ``_reference`` suffix.
-These follow SpixelFCN's ``poolfeat`` / ``upfeat`` and SP-CAM's ``calc_affmat`` as described in spec 2.2-2.3:
+These follow SpixelFCN's ``poolfeat`` / ``upfeat`` and SP-CAM's ``calc_affmat`` as described in docs/method.md §2.2-2.3:
 
 * pooling and upsampling build nine shifted full-resolution tensors, one per candidate cell;
 * the ASAM upsamples a 25-colour one-hot tiling of the grid to pixels, pools it back, and reorders the 25 channels of

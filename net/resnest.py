@@ -1,4 +1,4 @@
-"""The published SP-CAM ResNeSt layout at output stride 16 (spec 3.1), made from timm's stride-32 ResNeSt.
+"""The published SP-CAM ResNeSt layout at output stride 16 (docs/method.md §3.1), made from timm's stride-32 ResNeSt.
 
 The reference builds the official ResNeSt (zhanghang1989/ResNeSt ``resnet.py``: deep stem, avg-down shortcuts,
 ``radix=2``, ``avd=True``, ``avd_first=False``) with ``dilated=False, dilation=2``. Only layer4 differs from the

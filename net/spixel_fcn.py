@@ -1,6 +1,6 @@
-"""SpixelNet (SpixelFCN ``SpixelNet1l_bn``): the stage-1 superpixel FCN that predicts the PSAM (spec 2.1).
+"""SpixelNet (SpixelFCN ``SpixelNet1l_bn``): the stage-1 superpixel FCN that predicts the PSAM (docs/method.md §2.1).
 
-Module and parameter names follow the published state dicts (spec 10), so ``Q_model_final.pth`` (a bare state dict) and
+Module and parameter names follow the published state dicts (docs/method.md §10), so ``Q_model_final.pth`` (a bare state dict) and
 ``SpixelNet_bsd_ckpt.tar`` (``{"state_dict": ...}``) load with :func:`load_spixel_weights`.
 """
 
@@ -99,7 +99,9 @@ class SpixelNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"SpixelNet expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
         if x.shape[-2] % INPUT_MULTIPLE or x.shape[-1] % INPUT_MULTIPLE:
-            raise ValueError(f"SpixelNet input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {INPUT_MULTIPLE}; pad it")
+            raise ValueError(
+                f"SpixelNet input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {INPUT_MULTIPLE}; pad it"
+            )
         c0 = self.conv0b(self.conv0a(x))
         c1 = self.conv1b(self.conv1a(c0))
         c2 = self.conv2b(self.conv2a(c1))
@@ -135,7 +137,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_spixel_weights(model: SpixelNet, path: str | Path) -> None:
-    """Load SpixelNet weights tolerantly (spec 10).
+    """Load SpixelNet weights tolerantly (docs/method.md §10).
 
     Unwraps ``state_dict`` (or ``model``), strips a ``module.`` prefix, accepts files without the unused heads
     ``pred_mask1..3``. Any other missing or unexpected key, or a shape mismatch, is an error naming the keys.

@@ -2,7 +2,7 @@
 
     python -m sp_cam.ablation -c CONFIG [key=value ...]
 
-Rows (mIoU over all K+1 classes, percent, as spec 5.1):
+Rows (mIoU over all K+1 classes, percent, as docs/method.md §5.1):
 
     a  baseline CAM, bilinear upsampling, best th
     b  SP-CAM, PSAM upsampling, t = 0, best th

@@ -80,7 +80,7 @@ class FCNConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    shuffle: bool = True  # ref: False (a defect, D3)
+    shuffle: bool = True  # ref: False (a defect, docs/decisions.md D3)
     mode: Literal["auto", "saliency", "labels_only"] = "auto"  # auto: labels_only when there are no saliency maps
     sal_threshold: float = 0.2  # ref: saliency/255 > 0.2 -> foreground
     pos_weight: float = 0.003  # ref: SpixelFCN position weight, divided by the cell size
@@ -94,8 +94,8 @@ class FCNConfig:
     press_weight: float = 1.0  # ref: L = L_p + 1 * L_press + 2 * L_diff
     diff_weight: float = 2.0
     affinity_warmup: float = 0.7  # ref: affinity terms only after 70 % of the iterations
-    select: Selection = "gt"  # gt: best stage-1 validation metric (ref, 5.3) | last: the last epoch
-    val_grid: int = 12  # ref (intended, 5.3): GT downsampled to 12x12 before reconstruction
+    select: Selection = "gt"  # gt: best stage-1 validation metric (ref, docs/method.md §5.3) | last: the last epoch
+    val_grid: int = 12  # ref (intended, docs/method.md §5.3): GT downsampled to 12x12 before reconstruction
     val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
     val_max_images: int = 0  # 0 = the whole eval split
     mask_padding: bool = True  # extension: crop padding left out of the loss (ref counts padded pixels as background)
@@ -114,12 +114,14 @@ class ClassifierConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (reproduce a 4-GPU batch on 1 GPU)
     lr: float = 0.01
     weight_decay: float = 4e-5
-    momentum: Literal["reference", "intended"] = "reference"  # reference: 4e-5, the PolyOptimizer bug (D1) | 0.9
+    momentum: Literal["reference", "intended"] = (
+        "reference"  # reference: 4e-5, the PolyOptimizer bug (docs/decisions.md D1) | 0.9
+    )
     nesterov: bool = True
     poly_power: float = 0.9
     classifier_lr_mult: float = 10.0  # ref: classifier weights at 10x
-    drm_encoder_lr_mult: float = 10.0  # ref (D2): PSAM encoder at 10x
-    drm_head_lr_mult: float = 500.0  # ref (D2): kernel head at 500x
+    drm_encoder_lr_mult: float = 10.0  # ref (docs/decisions.md D2): PSAM encoder at 10x
+    drm_head_lr_mult: float = 500.0  # ref (docs/decisions.md D2): kernel head at 500x
     drm_encoder_widths: list[int] = field(default_factory=lambda: [32, 32, 64, 128, 128])  # ref get_qfeats
     drm_head_widths: list[int] = field(default_factory=lambda: [1024, 256, 128])  # ref get_tran_conv
     drm_border: Literal["zero", "replicate"] = "zero"  # zero (ref): border cells lose the mass of missing neighbours
@@ -152,10 +154,12 @@ class PseudoConfig:
     flip: bool = True
     t_list: list[int] = field(default_factory=lambda: [0, 20, 30, 40])
     th_list: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
-    select: Literal["gt", "fixed"] = "gt"  # gt: best (t, th) by GT mIoU on the split (ref, D8) | fixed: t, th below
+    select: Literal["gt", "fixed"] = (
+        "gt"  # gt: best (t, th) by GT mIoU on the split (ref, docs/decisions.md D8) | fixed: t, th below
+    )
     t: int = 20
     th: float = 0.3
-    renormalize_asam: bool = False  # D6: ref keeps the border mass loss
+    renormalize_asam: bool = False  # docs/decisions.md D6: ref keeps the border mass loss
     upsample: Literal["psam", "bilinear"] = "psam"
     ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
     save_scores: bool = False  # also write fused score maps (.npz)

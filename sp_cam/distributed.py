@@ -159,7 +159,7 @@ def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
 
     The model's own ``convert_sync_batchnorm()`` does the conversion (a classifier converts its DRM encoder only, and
     leaves the backbone's frozen-statistics BN alone; SpixelNet converts all its BN). On CPU (gloo) SyncBatchNorm is
-    unsupported, so those BN layers keep per-process statistics (as the reference's DataParallel did, D15).
+    unsupported, so those BN layers keep per-process statistics (as the reference's DataParallel did, docs/decisions.md D15).
     Parameters keep their identity, so an optimizer built before stays valid.
     """
     if not is_initialized():

@@ -1,4 +1,4 @@
-"""Step B: multi-scale + flip CAMs of the baseline for every image of the training split (spec 4, step B variant).
+"""Step B: multi-scale + flip CAMs of the baseline for every image of the training split (docs/method.md §4, step B variant).
 
     python -m sp_cam.export_cams -c CONFIG [--shard i/n] [section.key=value ...]
     torchrun --nproc_per_node N -m sp_cam.export_cams -c CONFIG     (each process takes shard RANK/WORLD_SIZE)
@@ -6,7 +6,7 @@
 For each id: the baseline CAM model (``RunPaths.model(paths.cam)``) runs at ``export.scales`` with and without flip;
 the per-pass softmax on the 1/16 grid is resized bilinearly to the image size, summed over the passes, normalised per
 channel (PuzzleCAM ``make_cam``) and masked by the image tags (sp_cam.inference, CAM path). Only the present
-foreground classes are stored, as ``paths.cams/<id>.npz`` (sp_cam.cam_store, uint8 or float16; D12, spec 8.3).
+foreground classes are stored, as ``paths.cams/<id>.npz`` (sp_cam.cam_store, uint8 or float16; docs/decisions.md D12, docs/method.md §8.3).
 Existing files are skipped, so an interrupted export continues; ``DONE`` is written once every id has its file.
 """
 
@@ -33,6 +33,7 @@ from sp_cam.paths import RunPaths
 from sp_cam.runtime import configure_threads, resolve_device, setup_logging
 
 log = logging.getLogger("sp_cam.export_cams")
+
 
 def missing_ids(paths: RunPaths, ids: list[str]) -> list[str]:
     """The ids without a CAM file, in order."""

@@ -1,26 +1,26 @@
-"""Stage 3 inference (spec 4): multi-scale + flip passes, random walk, PSAM upsampling, fusion, thresholds.
+"""Stage 3 inference (docs/method.md §4): multi-scale + flip passes, random walk, PSAM upsampling, fusion, thresholds.
 
 Per image (batch 1, original size H0 x W0, image-level tags):
 
 1. For every scale s the classifier input is resized twice (to ``round(H0 s)``, then up to a multiple of 16) and the FCN
-   input once (D17); the flipped copy of the same scale goes in the same batch, so one forward serves both passes.
+   input once (docs/decisions.md D17); the flipped copy of the same scale goes in the same batch, so one forward serves both passes.
 2. ``psam = fcn(fcn_input)``, ``asam = ASAM(psam)`` once per pass; ``pi = softmax over K+1 of model(cls_input, psam)``.
-3. For every t: ``A^t pi`` on that pass's grid (release order D7), PSAM upsampling, bilinear resize to the padded
+3. For every t: ``A^t pi`` on that pass's grid (release order docs/decisions.md D7), PSAM upsampling, bilinear resize to the padded
    scale-1 size, un-flip, SUM over the passes. The "bilinear" mode of the ablation resizes the walked grid scores
    straight to the padded scale-1 size instead.
 4. ``ReLU(F - 1e-5) / (max ReLU(F) + 1e-5)`` per channel (PuzzleCAM ``make_cam``), times the tags, bilinear to (H0, W0).
 5. Labels: channel 0 := th, argmax over K+1.
 
-Speed-up (spec 11, exact for the labels): only the image's present foreground classes are walked, upsampled and fused.
+Speed-up (docs/method.md §11, exact for the labels): only the image's present foreground classes are walked, upsampled and fused.
 The walk, the fusion and the normalisation act on each channel separately, absent classes are zeroed by the tags anyway,
 and the background channel is replaced by th, so the label maps are identical to walking all K+1 channels. The returned
 score maps therefore hold 0 in channel 0 (the model's own background probability is never used).
-Other savings (spec 8.2, 11): the ASAM is computed once per pass; the walks are incremental over ``t_list`` (20, +10,
+Other savings (docs/method.md §8.2, §11): the ASAM is computed once per pass; the walks are incremental over ``t_list`` (20, +10,
 +10) and run for all passes in one batch (grids zero-padded to the largest, which is exact); every t is upsampled in
 one call; flipped passes are un-flipped once after the sum. Measured: 0.33 s of CPU time (1 thread) for the
 post-processing of a 375x500 image with 2 present classes, 8 passes and t in {0, 20, 30, 40} (networks excluded).
 
-Baseline CAM path (``fcn is None`` or a ``CAMModel``; spec 4 "step B variant"): no PSAM and no walk; the per-pass
+Baseline CAM path (``fcn is None`` or a ``CAMModel``; docs/method.md §4 "step B variant"): no PSAM and no walk; the per-pass
 softmax on the 1/16 grid is resized bilinearly straight to (H0, W0), then fused and normalised the same way (key t = 0).
 """
 
@@ -71,7 +71,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def scaled_size(size: tuple[int, int], scale: float, cell_size: int = CELL_SIZE) -> tuple[int, int]:
-    """Spec 4 step 1: ``round(H0 * s)`` rounded up to a multiple of ``cell_size`` (same for W)."""
+    """docs/method.md §4 step 1: ``round(H0 * s)`` rounded up to a multiple of ``cell_size`` (same for W)."""
     return padded_size(int(size[0]), int(size[1]), scale, cell_size)[1]
 
 
@@ -123,7 +123,7 @@ def infer_present(
         flip: add the horizontally flipped pass of every scale (batched with the unflipped one).
         t_list: random-walk step counts (ignored on the CAM path, whose only key is t = 0).
         upsamples: any of "psam", "bilinear" (grid -> padded scale-1 size directly); the CAM path is always bilinear.
-        renormalize_asam: D6, renormalise ASAM rows to 1.
+        renormalize_asam: docs/decisions.md D6, renormalise ASAM rows to 1.
         keep_psam: keep the PSAM of the unflipped scale-1 pass in the result.
     Returns:
         :class:`FusedScores`; on the CAM path the keys are ("bilinear", 0).
@@ -382,7 +382,7 @@ def evaluate_split(
     max_images: int = 0,
     **kwargs,
 ) -> dict[tuple[int, float], IoUResult]:
-    """mIoU of the labels for every (t, th) pair over a split, in one pass (spec 5.1), under ``torch.no_grad``.
+    """mIoU of the labels for every (t, th) pair over a split, in one pass (docs/method.md §5.1), under ``torch.no_grad``.
 
     Args:
         model, fcn: as :func:`infer_present`; put in eval mode for the pass and restored afterwards.

@@ -1,17 +1,17 @@
-"""Stage 3: pseudo labels for ``data.pseudo_split`` (spec 4, 5.1; decisions D6-D9).
+"""Stage 3: pseudo labels for ``data.pseudo_split`` (docs/method.md §4, §5.1; docs/decisions.md D6-docs/decisions.md D9).
 
     python -m sp_cam.make_pseudo -c CONFIG [--shard i/n] [key=value ...]
     torchrun --nproc_per_node N -m sp_cam.make_pseudo -c CONFIG        (one shard per process)
 
 Two phases, both resumable:
 
-1. **Scores** (sharded): for every image the passes of spec 4 give the fused scores of the present classes for every t of
+1. **Scores** (sharded): for every image the passes of docs/method.md §4 give the fused scores of the present classes for every t of
    ``pseudo.t_list``; they go to ``PSEUDO/scores/<id>.npz`` (float16), with the image's confusion matrices for every
    (t, th) pair when it has GT. With ``pseudo.ablation`` the same pass also scores the other upsampling mode, the
    baseline CAM (if its model exists) and the two superpixel upper bounds, for :mod:`sp_cam.ablation`.
    Finished ids are skipped.
 2. **Selection and labels**: the per-image confusion matrices are summed (one pass, every pair), (t, th) is chosen by
-   ``pseudo.select`` (``gt``: best mIoU, the reference's D8; ``fixed``: ``pseudo.t``/``pseudo.th``), the choice goes
+   ``pseudo.select`` (``gt``: best mIoU, the reference's docs/decisions.md D8; ``fixed``: ``pseudo.t``/``pseudo.th``), the choice goes
    to ``PSEUDO/selection.json`` and the sweep to ``PSEUDO/sweep.json``, then ``pseudo_labels/<id>.png`` are written
    (palette PNGs, values 0..K; 255 where the top-2 margin is below ``pseudo.ignore_band`` if that is > 0).
    ``pseudo.save_scores`` adds the fused maps of the chosen t as ``PSEUDO/score_maps/<id>.npz`` (cam_store format).

@@ -178,7 +178,7 @@ def fcn_weights_path(cfg: Config) -> Path:
 
 
 def load_frozen_fcn(path: Path, device: torch.device | str) -> SpixelNet:
-    """The superpixel FCN, frozen (D4): eval mode, no gradients; run it under ``torch.no_grad``.
+    """The superpixel FCN, frozen (docs/decisions.md D4): eval mode, no gradients; run it under ``torch.no_grad``.
 
     Accepts the stage-1 result (``{'model': state_dict, ...}``) and published SpixelFCN / Q files alike.
     """

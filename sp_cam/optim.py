@@ -1,7 +1,7 @@
-"""SGD with the reference's per-group learning rates and poly decay, from stock PyTorch parts (spec 3.5).
+"""SGD with the reference's per-group learning rates and poly decay, from stock PyTorch parts (docs/method.md §3.5).
 
 The reference ``PolyOptimizer`` (inherited from PuzzleCAM / IRN) calls ``SGD(params, lr, weight_decay)``
-positionally, so its weight decay lands in SGD's *momentum* slot: the effective momentum is 4e-5 (D1). Here the
+positionally, so its weight decay lands in SGD's *momentum* slot: the effective momentum is 4e-5 (docs/decisions.md D1). Here the
 choice is explicit: ``momentum: reference`` reproduces that (momentum = the weight-decay value), ``momentum:
 intended`` uses 0.9. Weight decay is set per group (biases none), as in the reference.
 """
@@ -19,14 +19,14 @@ MOMENTUM_MODES = ("reference", "intended")
 
 
 def resolve_momentum(ccfg: Any, section: str) -> float:
-    """The SGD momentum for ``ccfg.momentum``: "reference" -> ``ccfg.weight_decay`` (4e-5 by default, D1),
+    """The SGD momentum for ``ccfg.momentum``: "reference" -> ``ccfg.weight_decay`` (4e-5 by default, docs/decisions.md D1),
     "intended" -> 0.9.
 
     Raises:
         ValueError: unknown mode, naming ``<section>.momentum``.
     """
     if ccfg.momentum == "reference":
-        # D1: PolyOptimizer passes weight decay positionally into SGD's momentum; reproduce that on purpose.
+        # docs/decisions.md D1: PolyOptimizer passes weight decay positionally into SGD's momentum; reproduce that on purpose.
         return float(ccfg.weight_decay)
     if ccfg.momentum == "intended":
         return INTENDED_MOMENTUM

@@ -32,7 +32,7 @@ from sp_cam.config import PseudoConfig
 from sp_cam.io import atomic_write
 from sp_cam.paths import RunPaths
 
-TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, spec 4)
+TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, docs/method.md §4)
 
 
 def t_values(pcfg: PseudoConfig) -> list[int]:

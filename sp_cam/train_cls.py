@@ -1,4 +1,4 @@
-"""Stages A and 2: train the CAM baseline or the SP-CAM classifier (spec 3.0-3.5).
+"""Stages A and 2: train the CAM baseline or the SP-CAM classifier (docs/method.md §3.0-3.5).
 
     python -m sp_cam.train_cls {cam,spcam} -c CONFIG [section.key=value ...]
     torchrun --nproc_per_node N -m sp_cam.train_cls {cam,spcam} -c CONFIG [section.key=value ...]
@@ -44,7 +44,7 @@ from sp_cam.runtime import derive_seed, seed_everything, setup_logging
 
 log = logging.getLogger("sp_cam.train_cls")
 
-EVAL_SCALES = (1.0,)  # ref in-training evaluation: single scale, no flip (spec 3.5)
+EVAL_SCALES = (1.0,)  # ref in-training evaluation: single scale, no flip (docs/method.md §3.5)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def compute_loss(
     use_saliency: bool,
     cell_size: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch: multilabel + alpha * EPS saliency (spec 3.4), the saliency on the logit grid.
+    """Loss of one micro-batch: multilabel + alpha * EPS saliency (docs/method.md §3.4), the saliency on the logit grid.
 
     Args:
         model: the classifier (or its DDP wrapper); fcn: the frozen superpixel FCN for SP-CAM, else None.
@@ -146,7 +146,9 @@ def compute_loss(
     labels = batch["label"].to(ctx.device, non_blocking=True)
     psam = None
     if fcn is not None:
-        with torch.no_grad():  # D4: the frozen FCN gets no graph; fp32 (PSAM ops stay fp32, spec 8.3)
+        with (
+            torch.no_grad()
+        ):  # docs/decisions.md D4: the frozen FCN gets no graph; fp32 (PSAM ops stay fp32, docs/method.md §8.3)
             psam = fcn(image).float()
     with ctx.autocast():
         logits = model(image) if psam is None else model(image, psam)

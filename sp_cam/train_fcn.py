@@ -1,16 +1,16 @@
-"""Stage 1: train the superpixel FCN (SpixelNet) with the improved stage-1 loss (spec 2.4-2.5, 5.3).
+"""Stage 1: train the superpixel FCN (SpixelNet) with the improved stage-1 loss (docs/method.md §2.4-2.5, §5.3).
 
     python -m sp_cam.train_fcn -c CONFIG [section.key=value ...]
     torchrun --nproc_per_node N -m sp_cam.train_fcn -c CONFIG [section.key=value ...]
 
-Adam without schedule; shuffled data (D3: the reference's unshuffled loader is a defect); the affinity terms join the
+Adam without schedule; shuffled data (docs/decisions.md D3: the reference's unshuffled loader is a defect); the affinity terms join the
 reconstruction loss after ``fcn.affinity_warmup`` of the iterations and need the step-B CAMs (``WORK_DIR/cams/<id>.npz``,
 :mod:`sp_cam.cam_store`; any CAMs written in that format work). CAMs are read only from the first epoch in which an
 affinity step occurs. The loss mode is ``saliency`` (reconstruct binarised saliency, ref) or ``labels_only``
 (reconstruct CIELAB colour, for datasets without saliency maps); ``fcn.mode=auto`` picks by the dataset.
 SpixelNet's BN becomes SyncBatchNorm under DDP on CUDA; on CPU (gloo) it keeps per-process batch statistics.
 
-Model selection uses the stage-1 validation metric of spec 5.3, implemented as intended (D14): GT one-hot, bilinear down
+Model selection uses the stage-1 validation metric of docs/method.md §5.3, implemented as intended (docs/decisions.md D14): GT one-hot, bilinear down
 to ``val_grid`` x ``val_grid`` and back up, PSAM pooling, ``val_walk_steps`` walk steps, PSAM upsampling, argmax, mIoU.
 Without GT on ``data.eval_split`` the last epoch is kept. The loop, checkpoints, resume and DDP are
 :mod:`sp_cam.engine`'s.
@@ -112,7 +112,7 @@ def epoch_indices(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage-1 validation (spec 5.3, D14)
+# Stage-1 validation (docs/method.md §5.3, docs/decisions.md D14)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Stage-3 inference against a slow, obvious implementation of spec 4 (one pass at a time, all K+1 channels walked)."""
+"""Stage-3 inference against a slow, obvious implementation of docs/method.md §4 (one pass at a time, all K+1 channels walked)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class ToySPCAM(ToyCAM):
 
 
 def slow_scores(model, fcn, image, labels, scales, flip, t_list, upsample):
-    """Spec 4 literally: each pass alone, every t from scratch, all K+1 channels, tags times the normalised map."""
+    """docs/method.md §4 literally: each pass alone, every t from scratch, all K+1 channels, tags times the normalised map."""
     H0, W0 = image.shape[-2:]
     H1, W1 = inference.scaled_size((H0, W0), 1.0)
     cam_path = fcn is None

@@ -116,6 +116,8 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     """The parser resolves absolute, ``from pkg import module`` and relative imports, so a violation is caught."""
     fake = tmp_path / "net" / "bad.py"
     fake.parent.mkdir()
-    fake.write_text("from sp_cam import engine\nimport data.toy\nfrom . import psam\n\ndef f():\n    import tools.report\n")
+    fake.write_text(
+        "from sp_cam import engine\nimport data.toy\nfrom . import psam\n\ndef f():\n    import tools.report\n"
+    )
     known = {"net.bad", "net.psam", "sp_cam", "sp_cam.engine", "data", "data.toy", "tools.report"}
     assert _imports("net.bad", fake, known) == {"sp_cam.engine", "data.toy", "net.psam", "tools.report"}

@@ -37,7 +37,7 @@ def test_parameter_names_and_count(model):
     assert tuple(model.state_dict()["pred_mask0.weight"].shape) == (9, 16, 3, 3)
     assert all(f"pred_mask{i}.bias" in keys for i in range(4))
     n = sum(p.numel() for p in model.parameters())
-    assert 2.2e6 < n < 2.4e6  # spec 2.1: about 2.29 M
+    assert 2.2e6 < n < 2.4e6  # docs/method.md §2.1: about 2.29 M
 
 
 def test_sync_batchnorm_conversion_keeps_parameters_and_names():

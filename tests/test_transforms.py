@@ -1,4 +1,4 @@
-"""Training transforms (joint resize / flip / crop with padding) and the inference inputs of spec 4 step 1."""
+"""Training transforms (joint resize / flip / crop with padding) and the inference inputs of docs/method.md §4 step 1."""
 
 import numpy as np
 import pytest
@@ -98,7 +98,7 @@ def test_random_crop_pad_padding_and_valid():
     assert i.shape == (16, 16, 3) and s.shape == (16, 16) and m.shape == (16, 16, 2)
     assert valid.sum() == 10 * 16
     np.testing.assert_array_equal(i[..., 0] != 0, valid > 0)
-    np.testing.assert_array_equal(s != 0, valid > 0)  # D5: saliency padded with 0
+    np.testing.assert_array_equal(s != 0, valid > 0)  # docs/decisions.md D5: saliency padded with 0
     np.testing.assert_array_equal(m[..., 1], valid)
 
 

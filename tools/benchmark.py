@@ -311,7 +311,7 @@ def postprocess_fast(
 
 
 def postprocess_reference(s: BenchSettings, x: Stage3Inputs) -> Callable[[], dict[tuple[int, float], torch.Tensor]]:
-    """The reference's stage 3 after the forwards (spec 4): each pass alone, all K+1 channels, every t from scratch,
+    """The reference's stage 3 after the forwards (docs/method.md §4): each pass alone, all K+1 channels, every t from scratch,
     reference operators (nine shifted copies, 25-colour ASAM, 5x5-unfold walk), tag mask, threshold argmax."""
     H0, W0 = s.image
     fuse = _padded(s.image, 1.0)
@@ -698,7 +698,14 @@ def run_memory_child(s: BenchSettings, names: Sequence[str]) -> dict[str, dict[s
     if not names:
         return {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(CHILD_MMAP_THRESHOLD))
-    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-child", json.dumps(dataclasses.asdict(s)), ",".join(names)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.benchmark",
+        "--memory-child",
+        json.dumps(dataclasses.asdict(s)),
+        ",".join(names),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith(CHILD_MARKER):

@@ -8,7 +8,6 @@ Class names come from ``ROOT/labels.txt`` (the 21 VOC names when absent) or ``--
 1..K present (255 and 0 are not classes).
 """
 
-
 import argparse
 import sys
 import xml.etree.ElementTree as ET

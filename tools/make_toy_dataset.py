@@ -5,7 +5,6 @@
 Defaults come from the ``toy`` section of the config schema. A folder that already holds exactly this set is left as is.
 """
 
-
 import argparse
 import logging
 import sys

@@ -13,7 +13,6 @@ default from ``dataset_root.py``). ``--sbd`` is SBD's ``benchmark_RELEASE/datase
   VOC PNG where one exists (with its 255 borders), else from the SBD ``.mat``.
 """
 
-
 import argparse
 import logging
 import sys
