@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,6 @@ class _Trainer:
         train_set: Dataset,
         task: Task,
         schedule: Schedule,
-        order: Callable[[int], Sequence[int]] | None,
-        tie: str,
         amp_dtype: torch.dtype | None,
     ) -> None:
         self.stage = stage
@@ -251,8 +249,6 @@ class _Trainer:
         self.train_set = train_set
         self.task = task
         self.schedule = schedule
-        self.order = order
-        self.tie = tie
         cfg, info = stage.cfg, stage.info
         self.micro_batch = dist_utils.micro_batch_size(
             schedule.batch_size, info.world_size, schedule.grad_accum, stage.section
@@ -272,19 +268,15 @@ class _Trainer:
 
     def _loader(self, epoch: int) -> DataLoader:
         info = self.stage.info
-        if self.order is not None:  # the stage's own per-epoch order, split like DistributedSampler
-            order = list(self.order(epoch))
-            sampler: Any = dist_utils.shard(order, info.rank, info.world_size)
-        else:
-            sampler = DistributedSampler(
-                self.train_set,
-                num_replicas=info.world_size,
-                rank=info.rank,
-                shuffle=self.schedule.shuffle,
-                seed=self.stage.cfg.run.seed,
-                drop_last=True,
-            )
-            sampler.set_epoch(epoch)
+        sampler = DistributedSampler(
+            self.train_set,
+            num_replicas=info.world_size,
+            rank=info.rank,
+            shuffle=self.schedule.shuffle,
+            seed=self.stage.cfg.run.seed,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
         return DataLoader(
             self.train_set,
             batch_size=self.micro_batch,
@@ -371,11 +363,8 @@ class _Trainer:
         s.last_eval = {"epoch": s.epoch, **_scalars(result)}
         if "miou" not in result:
             return
-        if s.best:
-            previous = s.best.get("miou", -float("inf"))
-            better = result["miou"] > previous if self.tie == "earlier" else result["miou"] >= previous
-            if not better:
-                return
+        if s.best and not result["miou"] > s.best.get("miou", -float("inf")):
+            return  # a tie keeps the earlier evaluation
         s.best = dict(s.last_eval)
         if self.stage.is_main and self.schedule.select == "gt":
             # before last.pt: a crash in between redoes the epoch and rewrites the same file
@@ -546,9 +535,6 @@ def fit(
     train_set: Dataset,
     task: Task,
     schedule: Schedule,
-    *,
-    order: Callable[[int], Sequence[int]] | None = None,
-    tie: str = "earlier",
 ) -> Path:
     """Train ``net`` to the end of ``schedule`` (resuming from ``last.pt``) and write ``model.pt`` and ``DONE``.
 
@@ -556,14 +542,13 @@ def fit(
         stage: from :func:`open_stage`.
         net: the trained network on ``stage.device`` (wrapped for DDP here, after a resume).
         train_set: a dataset with ``set_epoch(epoch)`` whose items are a pure function of (seed, epoch, index).
-        order: the stage's own per-epoch sample order instead of the seeded DistributedSampler.
     Returns:
         The final weights' path.
     """
     amp_dtype, use_scaler = amp_settings(schedule.amp, stage.device, stage.section)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     state = _State(model=net, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    trainer = _Trainer(stage, state, train_set, task, schedule, order, tie, amp_dtype)
+    trainer = _Trainer(stage, state, train_set, task, schedule, amp_dtype)
     try:
         last = RunPaths.last_checkpoint(stage.dir)
         if last.is_file():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.transforms import inference_inputs, padded_size
-from net.psam import CELL_SIZE, asam, psam_upsample, random_walk_multi
+from net.psam import CELL_SIZE, asam, hard_assignment, psam_upsample, random_walk_multi
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
 
 log = logging.getLogger(__name__)
@@ -420,20 +420,17 @@ def grid_ids(size: tuple[int, int], cell_size: int = CELL_SIZE) -> torch.Tensor:
 
 
 def superpixel_ids(psam: torch.Tensor, size: tuple[int, int] | None = None, cell_size: int = CELL_SIZE) -> torch.Tensor:
-    """Hard superpixels of a PSAM: each pixel joins its most associated candidate cell ``c(p) + o_k``.
+    """Hard superpixels of a PSAM (:func:`net.psam.hard_assignment`), optionally resized to the image.
 
     Args:
         psam: (1, 9, H, W) or (9, H, W).
         size: (H0, W0) to resize the segment map to (nearest), e.g. the original image size.
     Returns:
-        (H, W) or (H0, W0) int64 segment ids (cells of a grid padded by one, so out-of-grid candidates stay distinct).
+        (H, W) or (H0, W0) int64 grid-cell ids.
     """
-    q = psam.reshape(-1, *psam.shape[-2:]) if psam.ndim == 4 else psam
+    q = psam.reshape(1, -1, *psam.shape[-2:])
     H, W = q.shape[-2:]
-    k = q.argmax(0)
-    ys = torch.arange(H, device=q.device)[:, None] // cell_size + k // 3  # +1 padding -1 offset
-    xs = torch.arange(W, device=q.device)[None, :] // cell_size + k % 3
-    ids = ys * (W // cell_size + 2) + xs
+    ids = hard_assignment(q, cell_size)[0]
     if size is not None and tuple(size) != (H, W):
         ids = F.interpolate(ids[None, None].double(), size=tuple(size), mode="nearest")[0, 0].long()
     return ids.cpu()

@@ -100,17 +100,6 @@ def check_cams(paths: RunPaths, ids: list[str], layout: Any) -> None:
         load_cam(paths.cam_file(ids[0]), layout.num_classes, expect_size=layout.image_size(ids[0]))
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    if not shuffle:
-        return list(range(n))
-    return np.random.default_rng(derive_seed(seed, epoch)).permutation(n).tolist()
-
-
-def epoch_indices(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The images of ``epoch`` in training order; the tail short of a full global batch is dropped."""
-    return epoch_order(n, seed, epoch, shuffle)[: n // batch_size * batch_size]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Stage-1 validation (docs/method.md §5.3, docs/decisions.md D14)
 
@@ -343,12 +332,7 @@ def run(cfg: Config) -> Path:
     )
     task = FCNTask(cfg, loss_fn, mode, num_classes, train_set, CamLoader(paths, num_classes), steps, affinity_from,
                    eval_set)  # fmt: skip
-    n = len(train_set)
-
-    def order(epoch: int) -> list[int]:
-        return epoch_indices(n, batch_size, cfg.run.seed, epoch, fcfg.shuffle)
-
-    return engine.fit(stage, net, optimizer, None, train_set, task, schedule, order=order, tie="later")
+    return engine.fit(stage, net, optimizer, None, train_set, task, schedule)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -100,17 +100,25 @@ def test_two_process_stage1_equals_one_process_on_the_same_global_batch(tmp_path
     assert {p.name for p in dirs[1].iterdir()} == written  # one copy of each, no temporary file left
 
 
-def test_stage1_processes_split_every_global_batch():
-    n, batch, steps = 11, 4, 2  # the 3 images short of a third global batch are dropped
-    order = train_fcn.epoch_indices(n, batch, 0, 3, True)
-    assert len(order) == steps * batch and order != sorted(order)
+def test_every_global_batch_is_the_same_whatever_the_number_of_processes():
+    """The engine's seeded DistributedSampler: global step k takes perm[k*B:(k+1)*B] of the one-process order."""
+    from torch.utils.data import DistributedSampler
+
+    n, batch, steps = 11, 4, 2  # the 3 images short of a third global batch are never used
+
+    def order(rank: int, world: int) -> list[int]:
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(3)
+        return list(sampler)
+
+    single = order(0, 1)
+    assert single != sorted(single)
     for world in (2, 4):
-        shares = [dist_utils.shard(order, rank, world) for rank in range(world)]
+        shares = [order(rank, world) for rank in range(world)]
         per = batch // world
         for k in range(steps):
             step = sorted(i for share in shares for i in share[k * per : (k + 1) * per])
-            assert step == sorted(order[k * batch : (k + 1) * batch])
-    assert dist_utils.shard(train_fcn.epoch_indices(n, batch, 0, 3, False), 1, 2) == [1, 3, 5, 7]
+            assert step == sorted(single[k * batch : (k + 1) * batch])
 
 
 def test_batch_must_split_over_processes_and_micro_batches():
