@@ -6,7 +6,7 @@ Layout of ``ROOT``::
     SegmentationClass/<id>.png             optional GT: palette or grey PNG of class indices, 255 = ignore
                                            (VOC12: SegmentationClassAug/ is preferred where it holds the id)
     saliency_map/<id>.png                  optional saliency, grey 0..255 (or another folder, see ``open_dataset``)
-    ImageSets/Segmentation/<split>.txt     one id per line
+    ImageSets/Segmentation/<split>.txt     one id per line (checked as a file name: data/ids.py)
     labels.txt                             class names, background first (absent: the 21 VOC names)
     cls_labels.json                        image-level labels {id: [foreground class indices 1..K]}
                                            (absent: derived from the GT masks, where they exist)
@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from data.classes import IGNORE_INDEX, read_class_names
+from data.ids import read_id_list
+from data.label_png import IMAGE_ERRORS, first_line, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ CLS_LABELS_FILE = "cls_labels.json"
 SALIENCY_DIR = "saliency_map"
 IMAGE_EXT = ".jpg"
 PNG_EXT = ".png"
+# PIL modes of 8 (or fewer, losslessly widened) bits per channel; "I", "I;16*" and "F" are refused.
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+_MODE_NAMES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit"}
 
 
 def _open_image(path: Path, what: str) -> Image.Image:
@@ -42,11 +47,18 @@ def _open_image(path: Path, what: str) -> Image.Image:
         img.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(
-            f"{path}: cannot read {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: cannot read {what} ({first_line(e)})") from None
     return img
+
+
+def _check_8bit(img: Image.Image, path: Path, what: str) -> None:
+    """Refuse pixels of more than 8 bits: PIL's conversion to RGB or L clips them (a 16-bit PNG becomes all 255)."""
+    if img.mode not in EIGHT_BIT_MODES:
+        raise ValueError(
+            f"{path}: {what} of mode {img.mode} ({_MODE_NAMES.get(img.mode, 'unsupported')}), "
+            f"expected an 8-bit RGB or grey image"
+        )
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -56,9 +68,17 @@ def _image_size(path: Path) -> tuple[int, int]:
             w, h = img.size
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"{path}: cannot read image ({first_line(e)})") from None
     return h, w
+
+
+def _existing_folder(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder ({what})")
+    return path
 
 
 class VOCLayout:
@@ -80,12 +100,10 @@ class VOCLayout:
         mask_dirs: Sequence[str] = ("SegmentationClass",),
         class_names: Sequence[str] | None = None,
     ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root not found: {self.root}")
-        self.saliency_dir = Path(saliency_dir) if saliency_dir is not None else None
-        if self.saliency_dir is not None and not self.saliency_dir.is_dir():
-            raise FileNotFoundError(f"saliency folder not found: {self.saliency_dir}")
+        self.root = _existing_folder(Path(root), "dataset root")
+        self.saliency_dir = (
+            _existing_folder(Path(saliency_dir), "saliency folder") if saliency_dir is not None else None
+        )
         self.image_dirs = tuple(self.root / d for d in image_dirs)
         self.mask_dirs = tuple(self.root / d for d in mask_dirs)
         self.class_names: tuple[str, ...] = (
@@ -138,18 +156,20 @@ class VOCLayout:
     def ids(self, split: str, check_images: bool = True) -> list[str]:
         """The ids of ``ImageSets/Segmentation/<split>.txt``, in file order.
 
+        Every id is checked as a file name (:func:`data.ids.check_id`) before any path is made from it: an id that
+        could name a file outside its folder (``../x``, ``/x``) stops every stage here, before it reads or writes.
+
         Raises:
             FileNotFoundError: the list file is missing, or (``check_images``) a listed id has no image.
+            ValueError: an unsafe or duplicate id (naming the list file and line), or an empty list.
         """
         if split not in self._lists:
             path = self.list_file(split)
             if not path.is_file():
                 raise FileNotFoundError(f"split list not found: {path}")
-            ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+            ids = read_id_list(path)
             if not ids:
                 raise ValueError(f"{path}: the split list is empty")
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"{path}: duplicate ids in the split list")
             if check_images:
                 for image_id in ids:
                     p = self.image_path(image_id)
@@ -161,8 +181,10 @@ class VOCLayout:
     # ---------------------------------------------------------------- pixels
 
     def load_image(self, image_id: str) -> np.ndarray:
-        """(H, W, 3) uint8 RGB."""
-        img = _open_image(self.image_path(image_id), "image")
+        """(H, W, 3) uint8 RGB; an image of more than 8 bits per channel is refused (naming the file and its mode)."""
+        path = self.image_path(image_id)
+        img = _open_image(path, "image")
+        _check_8bit(img, path, "image")
         return np.asarray(img.convert("RGB"))
 
     def image_size(self, image_id: str) -> tuple[int, int]:
@@ -172,16 +194,16 @@ class VOCLayout:
     def load_mask(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
         """GT class indices, (H, W) uint8 with values 0..K or 255, or None when the id has no mask.
 
+        Read by :func:`data.label_png.read_label_png`: an 8-bit palette or grey PNG; 16-bit, RGB and non-PNG files
+        are refused, as for predictions.
+
         Args:
             size: (H, W) of the image if already known (saves reading the image header).
         """
         path = self.mask_path(image_id)
         if path is None:
             return None
-        img = _open_image(path, "mask")
-        if img.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: expected a palette or grey PNG of class indices, got mode {img.mode}")
-        mask = np.asarray(img)
+        mask = read_label_png(path)
         size = size or self.image_size(image_id)
         if mask.shape != tuple(size):
             raise ValueError(f"{path}: mask size {mask.shape} does not match the image size {tuple(size)}")
@@ -197,7 +219,9 @@ class VOCLayout:
         path = self.saliency_path(image_id)
         if path is None:
             return None
-        sal = np.asarray(_open_image(path, "saliency map").convert("L"))
+        img = _open_image(path, "saliency map")
+        _check_8bit(img, path, "saliency map")
+        sal = np.asarray(img.convert("L"))
         size = size or self.image_size(image_id)
         if sal.shape != tuple(size):
             raise ValueError(f"{path}: saliency size {sal.shape} does not match the image size {tuple(size)}")

@@ -38,6 +38,7 @@ EfficientNet-Lite0 notes:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -240,23 +241,91 @@ def build_backbone(name: str, pretrained: str = "", output_stride: int = OUTPUT_
 # Weights from local files
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # the legacy format: pickled magic number
+
+
+def _load_failure(path: Path, e: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words (torch's own messages span lines)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_TORCH_LEGACY_MAGIC))
+    except OSError as oe:
+        return f"cannot read it: {oe.strerror or oe}"
+    text = str(e)
+    if not head:
+        return "empty file, 0 bytes"
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        detail = detail.split(" Please use ", 1)[0].rstrip(".") or type(e).__name__
+        if head.startswith(_ZIP_MAGIC) or head.startswith(_TORCH_LEGACY_MAGIC):
+            return f"holds Python objects other than tensors and plain containers, refused unpickled: {detail}"
+        return f"a plain Python pickle, not a torch.save file; refused unpickled: {detail}"
+    if head.startswith(_ZIP_MAGIC):
+        return "truncated or damaged zip archive"
+    if head.startswith(_TORCH_LEGACY_MAGIC):
+        return "truncated or damaged (legacy torch.save format)"
+    if head.startswith(b"\x80"):
+        return "a plain Python pickle, not a torch.save file"
+    return "not a torch.save file: neither a zip archive nor a pickle"
+
+
+def load_torch_file(path: str | Path, map_location: object = "cpu") -> object:
+    """``torch.load(path, weights_only=True)``; any failure is one ``ValueError`` line naming the file and the cause.
+
+    Causes told apart: an empty file, a truncated or damaged archive, a pickle of Python objects (never unpickled),
+    a file of another format.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``"<path>: not a loadable checkpoint (<cause>)"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with warnings.catch_warnings(record=True) as caught:  # kept back on failure: the error is one line
+        warnings.simplefilter("always")
+        try:
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, KeyError ...
+            raise ValueError(f"{path}: not a loadable checkpoint ({_load_failure(path, e)})") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
+def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file as a dict of CPU tensors; a damaged file is one ``ValueError`` line naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ValueError ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.stat().st_size == 0:
+            detail = "empty file, 0 bytes"
+        raise ValueError(f"{path}: not a loadable safetensors file ({detail})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict of tensors from a ``.pth``/``.pt``/``.tar``/``.bin`` (``torch.load(weights_only=True)``) or
     ``.safetensors`` file; unwraps a ``state_dict`` / ``model`` entry and strips a DataParallel ``module.`` prefix.
 
     Raises:
         FileNotFoundError: no such file (named).
-        ValueError: another format, or a file that does not hold a state dict of tensors.
+        ValueError: another format, an empty, truncated or pickled file, or a file that does not hold a state dict of
+            tensors (one line naming the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw: object = load_file(str(path), device="cpu")
+        raw: object = load_safetensors_file(path)
     elif path.suffix in (".pth", ".pt", ".tar", ".bin"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_torch_file(path)
     else:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected .pth, .pt or .safetensors")
     for wrapper in ("state_dict", "model"):

@@ -117,14 +117,11 @@ class SpixelNet(nn.Module):
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"SpixelNet weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from net.backbones import load_safetensors_file, load_torch_file  # here: timm is not needed to build SpixelNet
 
-        return load_file(str(path))
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable file; name it
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path)
+    raw = load_torch_file(path)  # an empty, truncated or pickled file: one ValueError line naming it
     # published layouts: bare state dict (Q_model_final.pth), {"state_dict": ...} (SpixelNet_bsd_ckpt.tar),
     # and this project's {"model": ...} (final weights of train_fcn)
     for key in ("state_dict", "model"):

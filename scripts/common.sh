@@ -1,12 +1,12 @@
 # Shared option parsing for the entry-point scripts (sourced, not run).
 CONFIG=scripts/configs/toy.yaml
-NPROC=1
+NPROC=auto  # processes per step: auto = the visible GPUs (1 on CPU), decided by sp_cam.pipeline
 FCN_WEIGHTS=""
 OVERRIDES=()
 
 usage_error() {
   echo "error: $1" >&2
-  echo "usage: $0 [--config FILE] [--data-root DIR] [--work-dir DIR] [--nproc N] [--fcn-weights FILE] [section.key=value ...]" >&2
+  echo "usage: $0 [--config FILE] [--data-root DIR] [--work-dir DIR] [--nproc auto|N] [--fcn-weights FILE] [section.key=value ...]" >&2
   exit 2
 }
 
@@ -20,7 +20,7 @@ parse_common_args() {
         OVERRIDES+=("data.dataset=folder" "data.root=$2"); shift 2 ;;
       --work-dir) [[ $# -ge 2 ]] || usage_error "--work-dir needs a folder"; OVERRIDES+=("run.work_dir=$2"); shift 2 ;;
       --nproc)
-        [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || usage_error "--nproc needs a positive integer"
+        [[ $# -ge 2 && ( "$2" == auto || "$2" =~ ^[1-9][0-9]*$ ) ]] || usage_error "--nproc needs auto or a positive integer"
         NPROC=$2; shift 2 ;;
       --fcn-weights) [[ $# -ge 2 ]] || usage_error "--fcn-weights needs a file"; FCN_WEIGHTS=$2; shift 2 ;;
       -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;

@@ -5,6 +5,7 @@ One ``<id>.npz`` per image, no pickle:
     cams:    (n, H, W) uint8 (score * 255, rounded) or float16 (score), scores in [0, 1]
     size:    (2,) int32, (H, W) of the original image
 Background and absent classes are not stored: stage 1 ignores the former and the latter are zero.
+A missing, empty, truncated or damaged file: :func:`is_valid` is False, :func:`load_cam` one line naming it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sp_cam.io import atomic_write
+from sp_cam.io import DamagedFileError, atomic_write, read_npz
 
 CAM_DTYPES = ("uint8", "float16")
+CAM_KEYS = ("classes", "cams", "size")
 
 
 def save_cam(path: str | Path, fg_cams: np.ndarray, classes, dtype: str = "uint8") -> None:
@@ -43,6 +45,34 @@ def save_cam(path: str | Path, fg_cams: np.ndarray, classes, dtype: str = "uint8
     atomic_write(path, write)
 
 
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(classes, cams, (H, W)) of a CAM file whose arrays agree with each other."""
+    z = read_npz(path, CAM_KEYS, what="CAM file")
+    classes, cams, size = z["classes"], z["cams"], z["size"]
+    if classes.ndim != 1 or size.shape != (2,) or cams.dtype not in (np.uint8, np.float16):
+        raise DamagedFileError(
+            f"{path}: not a valid CAM file (classes {classes.shape}, size {size.shape}, cams {cams.dtype})"
+        )
+    h, w = (int(v) for v in size)
+    if cams.ndim != 3 or cams.shape[0] != classes.size or cams.shape[1:] != (h, w):
+        raise DamagedFileError(
+            f"{path}: cams of shape {cams.shape} do not match {classes.size} classes of size {(h, w)}"
+        )
+    return classes, cams, (h, w)
+
+
+def is_valid(path: str | Path) -> bool:
+    """A complete, readable CAM file (every array decompressed and consistent), so a stage may keep it.
+
+    False for a missing, empty, truncated or damaged file: the caller recomputes it.
+    """
+    try:
+        _read(Path(path))
+    except (FileNotFoundError, DamagedFileError):
+        return False
+    return True
+
+
 def load_cam(path: str | Path, num_classes: int, expect_size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a CAM file into a dense foreground array.
 
@@ -51,18 +81,15 @@ def load_cam(path: str | Path, num_classes: int, expect_size: tuple[int, int] | 
         expect_size: (H, W) the image size, checked when given.
     Returns:
         (K, H, W) float32 in [0, 1]; channel c-1 holds class c, absent classes are 0.
+    Raises:
+        FileNotFoundError: no such file.
+        DamagedFileError: an empty, truncated or damaged file (one line naming it; :func:`is_valid` says False).
+        ValueError: a file of another size or class count.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CAM file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            classes, cams, size = z["classes"], z["cams"], z["size"]
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a CAM file with keys classes, cams, size ({e})") from None
-    h, w = (int(v) for v in size)
-    if cams.ndim != 3 or cams.shape[0] != classes.size or cams.shape[1:] != (h, w):
-        raise ValueError(f"{path}: cams of shape {cams.shape} do not match {classes.size} classes of size {(h, w)}")
+    classes, cams, (h, w) = _read(path)
     if expect_size is not None and (h, w) != tuple(expect_size):
         raise ValueError(f"{path}: CAM size {(h, w)} does not match the image size {tuple(expect_size)}")
     if classes.size and (classes.min() < 1 or classes.max() > num_classes):

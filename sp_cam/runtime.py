@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sp_cam.io import cannot_write
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
 
@@ -67,6 +69,9 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, rank:
 
     Ranks other than 0 (``RANK`` from torchrun when ``rank`` is None) log warnings and errors only, so a multi-GPU run
     prints one stream. ``log_file`` (rank 0 only) receives the same records.
+
+    Raises:
+        CannotWriteError: the log file cannot be created (read-only work dir, no permission, a file in the way).
     """
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
@@ -89,8 +94,11 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, rank:
     if log_file is not None and rank == 0:
         log_file = Path(log_file).resolve()
         if not any(getattr(h, "baseFilename", None) == str(log_file) for h in root.handlers):
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_file)
+            try:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                fh = logging.FileHandler(log_file)
+            except OSError as e:  # a read-only or full work dir: one line, before any stage work
+                raise cannot_write(log_file, e) from None
             fh.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
             root.addHandler(fh)
 

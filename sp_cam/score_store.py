@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sp_cam.config import PseudoConfig
-from sp_cam.io import atomic_write
+from sp_cam.io import NPZ_ERRORS, atomic_write, read_npz
 from sp_cam.paths import RunPaths
 
 TH_DECIMALS = 6  # th values are rounded for use as keys (np.arange-style float noise, docs/method.md §4)
@@ -56,19 +56,27 @@ def save_scores(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_scores(path: Path) -> dict[str, np.ndarray]:
-    """Every entry of a scores file."""
+    """Every entry of a scores file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DamagedFileError: an empty, truncated or damaged file (one line naming it).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path} (run the score phase of sp_cam.make_pseudo)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(path, what="scores file")
 
 
 def has_signature(path: Path, signature: str) -> bool:
-    """A finished scores file made with the settings ``signature``."""
+    """A finished scores file made with the settings ``signature``.
+
+    False for a missing, empty, truncated or damaged file as for one of other settings: the stage recomputes it.
+    (Only the signature entry is decompressed; truncation is caught as the archive's directory sits at its end.)
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             return str(z["signature"]) == signature
-    except (OSError, ValueError, KeyError):
+    except (*NPZ_ERRORS, TypeError):  # TypeError: a bare .npy array, which is no context manager
         return False
 
 
@@ -88,16 +96,17 @@ def sum_confusions(
 
     Returns:
         {key: (sum, or None when no image has the key; number of images that have it)}.
+    Raises:
+        FileNotFoundError: a scores file is missing.
+        DamagedFileError: a scores file is damaged (one line naming it).
     """
     totals: dict[str, tuple[np.ndarray | None, int]] = {k: (None, 0) for k in keys}
     for image_id in tqdm(ids, desc="confusion matrices", unit="img", disable=not progress):
         path = paths.scores_file(image_id)
         if not path.is_file():
             raise FileNotFoundError(f"scores file not found: {path} (run sp_cam.make_pseudo first)")
-        with np.load(path, allow_pickle=False) as z:
-            for key in keys:
-                if key in z.files:
-                    c = z[key].astype(np.int64)
-                    total, count = totals[key]
-                    totals[key] = (c if total is None else total + c, count + 1)
+        for key, value in read_npz(path, keys, what="scores file", required=False).items():
+            c = value.astype(np.int64)
+            total, count = totals[key]
+            totals[key] = (c if total is None else total + c, count + 1)
     return totals

@@ -1,6 +1,9 @@
 """sp_cam/io.py: atomic writes, label PNGs, safe checkpoints, JSON lines."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,13 +11,13 @@ import torch
 from PIL import Image
 
 from data.classes import label_colormap
+from data.label_png import read_label_png
 from sp_cam.io import (
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
-    read_label_png,
     save_checkpoint,
     write_label_png,
 )
@@ -90,3 +93,45 @@ def test_append_jsonl(tmp_path):
     append_jsonl(path, {"epoch": 0, "miou": 1.5})
     append_jsonl(path, {"epoch": 1})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 0, "miou": 1.5}, {"epoch": 1}]
+
+
+def test_atomic_write_flushes_file_before_rename_and_folder_after(tmp_path, monkeypatch):
+    """Durable across a power cut: the data reach the disk before the new name does, and the name after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "cam" / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    (kind, tmp_name), (rkind, src, dst), (dkind, folder) = events
+    assert (kind, rkind, dkind) == ("fsync", "replace", "fsync")
+    assert tmp_name == src and Path(src).parent == path.parent and dst == str(path)
+    assert folder == str(path.parent)
+    assert load_checkpoint(path) == {"step": 1}
+
+
+def test_folder_flush_is_best_effort(tmp_path, monkeypatch):
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 1:  # the folder: some file systems refuse it
+            refuse(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x" and len(calls) == 2

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from data.label_png import read_label_png
 from net.spixel_fcn import build_spixel_fcn
 from sp_cam import ablation, make_pseudo
 from sp_cam.config import Config, config_to_dict, load_config
-from sp_cam.io import read_label_png, save_checkpoint
+from sp_cam.io import save_checkpoint
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import build_classifier
 from sp_cam.open_data import open_dataset

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sp_cam.io import read_label_png
+from data.label_png import read_label_png
 
 ROOT = Path(__file__).resolve().parents[1]
 

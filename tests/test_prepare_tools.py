@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
-from sp_cam.io import read_label_png, write_label_png
+from data.label_png import read_label_png
+from sp_cam.io import write_label_png
 from tools import make_cls_labels, prepare_coco14, prepare_voc12
 
 XML = """<annotation><filename>{id}.jpg</filename>{objects}</annotation>"""

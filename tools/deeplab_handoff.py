@@ -43,14 +43,16 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import yaml
 from PIL import Image
 
 from data.classes import IGNORE_INDEX, read_class_names
-from sp_cam.io import atomic_write_text, read_label_png
+from data.ids import check_id
+from data.label_png import read_label_png
+from sp_cam.io import atomic_write_text
 
 # deeplab-pytorch (libs/datasets/voc.py, class VOCAug) accepts only these split names
 DEEPLAB_SPLITS = ("train", "train_aug", "trainval", "trainval_aug", "val")
@@ -71,31 +73,6 @@ _EXP_ID_OK = re.compile(r"^[A-Za-z0-9_.-]+$")  # a folder name in deeplab-pytorc
 
 class HandoffError(ValueError):
     """A problem with the inputs, reported as one line."""
-
-
-def check_id(image_id: str, source: str | Path, line_no: int | None = None) -> str:
-    """Return ``image_id`` if it is safe as a file name, else raise naming ``source`` (and line ``line_no``).
-
-    Refused: empty ids, ``/``, ``\\``, ``..``, NUL, white space (deeplab-pytorch splits list lines on a space) and
-    absolute paths (POSIX or Windows).
-    """
-    where = f"{source}:{line_no}" if line_no is not None else str(source)
-    problem = None
-    if not image_id:
-        problem = "is empty"
-    elif "\0" in image_id:
-        problem = "contains a NUL character"
-    elif image_id.startswith("/") or PureWindowsPath(image_id).is_absolute() or PureWindowsPath(image_id).drive:
-        problem = "is an absolute path"
-    elif "/" in image_id or "\\" in image_id:
-        problem = "contains a path separator"
-    elif ".." in image_id:
-        problem = "contains '..'"
-    elif any(ch.isspace() for ch in image_id):
-        problem = "contains white space"
-    if problem is not None:
-        raise HandoffError(f"{where}: id {image_id!r} {problem}; ids are used as file names")
-    return image_id
 
 
 def _aug_line_id(tokens: list[str]) -> str | None:

@@ -48,7 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data.classes import IGNORE_INDEX, VOC_CLASSES, read_class_names
-from sp_cam.io import atomic_write_json, read_label_png
+from data.label_png import read_label_png
+from sp_cam.io import atomic_write_json
 from sp_cam.metrics import ABSENT_CONVENTIONS, IoUResult, confusion_matrix, iou_from_confusion
 
 MAX_LISTED_MISSING = 5  # ids named in the missing-prediction error

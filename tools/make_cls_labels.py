@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from data.classes import IGNORE_INDEX, read_class_names
-from sp_cam.io import atomic_write_json, read_label_png
+from data.label_png import read_label_png
+from sp_cam.io import atomic_write_json
 
 
 def labels_from_xml(path: str | Path, class_names: Sequence[str]) -> list[int]:

@@ -23,11 +23,22 @@ from tqdm import tqdm
 
 import dataset_root
 from data.classes import VOC_CLASSES, read_class_names
-from sp_cam.io import atomic_write_json, atomic_write_text, read_label_png, write_label_png
-from tools.make_cls_labels import build_from_xml, read_id_lists
+from data.ids import read_id_list
+from data.label_png import read_label_png
+from sp_cam.io import atomic_write_json, atomic_write_text, write_label_png
+from tools.make_cls_labels import build_from_xml
 
 log = logging.getLogger(__name__)
 VOC_LIST_DIR = Path("ImageSets") / "Segmentation"
+
+
+def read_id_lists(paths: list[Path]) -> list[str]:
+    """Union of the ids of several list files, first-seen order; every id is checked as a file name
+    (:func:`data.ids.check_id`: the paths below are built from ids), naming the file and line of a bad one."""
+    seen: dict[str, None] = {}
+    for p in paths:
+        seen.update(dict.fromkeys(read_id_list(p, unique=False)))
+    return list(seen)
 
 
 def train_aug_ids(voc: Path, sbd: Path) -> list[str]:

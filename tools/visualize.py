@@ -25,8 +25,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.classes import label_colormap
+from data.label_png import read_label_png
 from sp_cam.config import Config, ConfigError, load_config
-from sp_cam.io import atomic_write, read_label_png
+from sp_cam.io import atomic_write
 from sp_cam.paths import RunPaths
 
 COLUMNS = ("image", "superpixels", "CAM", "SP-CAM", "pseudo label", "GT")
