@@ -170,7 +170,7 @@ def test_examples_section_renders_or_notes(tmp_path, monkeypatch):
     page = (root / "report.html").read_text()
     np.testing.assert_array_equal(np.asarray(Image.open(root / "report" / "examples.png")), figure)
     assert page.count(IMG_TAG) == 2  # the example figure and figures/toy.png
-    assert "<code>toy</code>" not in page and "<td>toy</td>" in page  # the dataset, from config.yaml
+    assert "<td>dataset</td><td>toy</td>" in page  # from config.yaml
     assert "stage A: CAM baseline: skipped, no cam/metrics.jsonl" in page
     assert "sweep: skipped, sweep.json not found" in page
     assert "headline numbers: skipped, metrics.json not found" in page
