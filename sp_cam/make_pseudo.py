@@ -22,6 +22,7 @@ computed from the float16-rounded scores, so the PNGs match the reported mIoU ex
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -51,7 +52,7 @@ from sp_cam.inference import (
 from sp_cam.io import atomic_write_json, atomic_write_text, write_label_png
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
 from sp_cam.models import Stage3Models, fcn_weights_path, load_stage3_models
-from sp_cam.paths import RunPaths
+from sp_cam.paths import LabelOutputs, RunPaths
 from sp_cam.score_store import (
     TH_DECIMALS,
     fused_at,
@@ -178,14 +179,15 @@ def score_signature(cfg: Config) -> str:
     )
 
 
-def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device, progress: bool = True) -> int:
-    """Phase 1 for ``ids`` (one shard): write every missing ``scores/<id>.npz``. Returns the number computed."""
+def compute_scores(
+    cfg: Config, layout, ids: Sequence[str], device: torch.device, out: LabelOutputs, progress: bool = True
+) -> int:
+    """Phase 1 for ``ids`` (one shard): write every missing scores file. Returns the number computed."""
     from data.datasets import EvalDataset
 
     pcfg = cfg.pseudo
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
     signature = score_signature(cfg)
-    todo = [i for i in ids if not has_signature(paths.scores_file(i), signature)]
+    todo = [i for i in ids if not has_signature(out.scores_file(i), signature)]
     log.info("scores: %d of %d images of this shard to compute", len(todo), len(ids))
     if not todo:
         return 0
@@ -199,7 +201,7 @@ def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device
     for item in bar:
         arrays = process_image(models, item, pcfg, cfg.fcn.cell_size, pcfg.ablation)
         arrays["signature"] = np.asarray(signature)
-        save_scores(paths.scores_file(item["id"]), arrays)
+        save_scores(out.scores_file(item["id"]), arrays)
     log.info(
         "scores: %d images in %.1f s (%.2f img/s)", len(todo), time.time() - start, len(todo) / (time.time() - start)
     )
@@ -209,19 +211,23 @@ def compute_scores(cfg: Config, layout, ids: Sequence[str], device: torch.device
 # ----------------------------------------------------------------------------------------------------------- phase 2
 
 
-def sweep(cfg: Config, ids: Sequence[str]) -> tuple[dict[tuple[int, float], IoUResult], int]:
+def sweep(cfg: Config, ids: Sequence[str], out: LabelOutputs) -> tuple[dict[tuple[int, float], IoUResult], int]:
     """mIoU of every (t, th) pair over the images with GT, from the stored per-image confusion matrices."""
     pcfg = cfg.pseudo
     key = f"conf_{pcfg.upsample}"
-    conf, count = sum_confusions(RunPaths.from_work_dir(cfg.run.work_dir), ids, [key], progress=True)[key]
+    conf, count = sum_confusions(out, ids, [key], progress=True)[key]
     if conf is None:
         return {}, 0
-    return pair_results(conf, t_values(pcfg), th_values(pcfg)), count
+    return pair_results(conf, t_values(pcfg), th_values(pcfg), cfg.eval.absent), count
 
 
-def pair_results(conf: np.ndarray, ts: Sequence[int], ths: Sequence[float]) -> dict[tuple[int, float], IoUResult]:
+def pair_results(
+    conf: np.ndarray, ts: Sequence[int], ths: Sequence[float], absent: str = "present"
+) -> dict[tuple[int, float], IoUResult]:
     """(T, TH, N, N) summed matrices -> {(t, th): IoUResult}."""
-    return {(t, th): iou_from_confusion(conf[i, j]) for i, t in enumerate(ts) for j, th in enumerate(ths)}
+    return {
+        (t, th): iou_from_confusion(conf[i, j], absent=absent) for i, t in enumerate(ts) for j, th in enumerate(ths)
+    }
 
 
 def select_pair(cfg: Config, results: dict[tuple[int, float], IoUResult]) -> dict[str, Any]:
@@ -259,21 +265,22 @@ def labels_for(arrays: dict[str, np.ndarray], t: int, th: float, ignore_band: fl
     return label.numpy().astype(np.uint8)
 
 
-def write_outputs(cfg: Config, ids: Sequence[str], selection: dict[str, Any], progress: bool) -> None:
+def write_outputs(
+    cfg: Config, ids: Sequence[str], selection: dict[str, Any], out: LabelOutputs, progress: bool
+) -> None:
     """Pseudo-label PNGs (and score maps) of ``ids`` for the selected pair; existing ones (same selection) are kept."""
     from sp_cam.cam_store import save_cam
 
     pcfg = cfg.pseudo
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
     t, th = int(selection["t"]), float(selection["th"])
     for image_id in tqdm(ids, desc="pseudo labels", unit="img", disable=not progress):
-        png = paths.pseudo_label(image_id)
-        maps = paths.score_map(image_id)
+        png = out.label(image_id)
+        maps = out.score_map(image_id)
         need_png = not png.is_file()
         need_maps = pcfg.save_scores and not maps.is_file()
         if not (need_png or need_maps):
             continue
-        arrays = load_scores(paths.scores_file(image_id))
+        arrays = load_scores(out.scores_file(image_id))
         if need_png:
             write_label_png(png, labels_for(arrays, t, th, pcfg.ignore_band))
         if need_maps:
@@ -286,34 +293,35 @@ def _selection_key(cfg: Config) -> dict[str, Any]:
     return {
         "split": cfg.data.pseudo_split,
         "pseudo": dataclasses.asdict(cfg.pseudo),
+        "absent": cfg.eval.absent,
         "weights": weights_fingerprint(cfg),
     }
 
 
-def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float) -> IoUResult:
+def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float, out: LabelOutputs) -> IoUResult:
     """mIoU of one (t, th) pair from the stored scores and the GT masks (a pair outside the stored sweep)."""
     from sp_cam.open_data import open_dataset
 
     layout = open_dataset(cfg)
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
     conf = np.zeros((layout.num_classes + 1,) * 2, dtype=np.int64)
     for image_id in tqdm(ids, desc=f"score t={t} th={th:g}", unit="img"):
         mask = layout.load_mask(image_id)
         if mask is None:
             continue
-        arrays = load_scores(paths.scores_file(image_id))
+        arrays = load_scores(out.scores_file(image_id))
         conf += confusion_matrix(labels_for(arrays, t, th, 0.0), mask, layout.num_classes + 1)
-    return iou_from_confusion(conf)
+    return iou_from_confusion(conf, absent=cfg.eval.absent)
 
 
-def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = None) -> dict[str, Any]:
+def finalize(
+    cfg: Config, ids: Sequence[str], out: LabelOutputs, write_ids: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Phase 2: sweep, selection, ``sweep.json``/``selection.json``, and the PNGs of ``write_ids`` (default all)."""
     pcfg = cfg.pseudo
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    results, num_gt = sweep(cfg, ids)
+    results, num_gt = sweep(cfg, ids, out)
     choice = select_pair(cfg, results)
     if choice["miou"] is None and num_gt:  # select=fixed with a th outside the sweep: score it from the stored maps
-        res = score_pair(cfg, ids, choice["t"], choice["th"])
+        res = score_pair(cfg, ids, choice["t"], choice["th"], out)
         choice["miou"], choice["fg_miou"] = res.miou, res.fg_miou
     record = {
         **choice,
@@ -322,22 +330,24 @@ def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = 
         "num_gt_images": num_gt,
         "upsample": pcfg.upsample,
         "ignore_band": pcfg.ignore_band,
+        "absent": cfg.eval.absent,
         "config": _selection_key(cfg),
     }
     sweep_record = {
         "split": cfg.data.pseudo_split,
         "num_gt_images": num_gt,
         "upsample": pcfg.upsample,
+        "absent": cfg.eval.absent,
         "pairs": [{"t": t, "th": th, "miou": r.miou, "fg_miou": r.fg_miou} for (t, th), r in sorted(results.items())],
     }
-    atomic_write_json(paths.sweep, sweep_record)
-    previous = _read_json(paths.selection)
+    atomic_write_json(out.sweep, sweep_record)
+    previous = _read_json(out.selection)
     same = previous is not None and all(previous.get(k) == record[k] for k in ("t", "th", "ignore_band", "config"))
     if not same:  # labels of another selection are stale: remove them before recording the new one (crash-safe)
         for image_id in ids:
-            paths.pseudo_label(image_id).unlink(missing_ok=True)
-            paths.score_map(image_id).unlink(missing_ok=True)
-    atomic_write_json(paths.selection, record)
+            out.label(image_id).unlink(missing_ok=True)
+            out.score_map(image_id).unlink(missing_ok=True)
+    atomic_write_json(out.selection, record)
     if choice["miou"] is not None:
         log.info("selected t=%d th=%.2f (%s): mIoU %.2f on %d images", choice["t"], choice["th"], pcfg.select,
                  choice["miou"], num_gt)  # fmt: skip
@@ -345,7 +355,7 @@ def finalize(cfg: Config, ids: Sequence[str], write_ids: Sequence[str] | None = 
         log.info("selected t=%d th=%.2f (%s): no GT to score it", choice["t"], choice["th"], pcfg.select)
     if write_ids is None:
         write_ids = ids
-    write_outputs(cfg, write_ids, record, progress=True)
+    write_outputs(cfg, write_ids, record, out, progress=True)
     return record
 
 
@@ -358,15 +368,59 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_done(cfg: Config) -> bool:
+def is_done(cfg: Config, out: LabelOutputs) -> bool:
     """The DONE marker exists and was written for the current split and ``pseudo`` settings."""
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    done = _read_json(RunPaths.done(paths.pseudo))
+    done = _read_json(out.done)
     return done is not None and done.get("config") == _selection_key(cfg)
 
 
+def seg_label_config(cfg: Config, selection: dict[str, Any]) -> Config:
+    """The config of the pass that labels ``seg.train_split``: the (t, th) selected on ``data.pseudo_split``."""
+    derived = copy.deepcopy(cfg)
+    derived.data.pseudo_split = cfg.seg.train_split
+    p = derived.pseudo
+    p.select, p.t, p.th = "fixed", int(selection["t"]), float(selection["th"])
+    p.t_list, p.th_list, p.ablation = [p.t], [p.th], False
+    return derived
+
+
+def label_pass(cfg: Config, out: LabelOutputs, shard: tuple[int, int] | None) -> dict[str, Any]:
+    """Scores and labels of ``data.pseudo_split`` into ``out`` (resumable, sharded); the selection record or {}."""
+    from sp_cam.open_data import open_dataset
+
+    info, device = dist_utils.init_distributed(cfg.run.device)
+    if is_done(cfg, out):
+        log.info("pseudo labels of %r already written (%s)", cfg.data.pseudo_split, out.done)
+        return _read_json(out.selection) or {}
+    rank, world = shard if shard is not None else (info.rank, info.world_size)
+    layout = open_dataset(cfg)
+    ids = layout.ids(cfg.data.pseudo_split)
+    mine = dist_utils.shard(ids, rank, world)
+    compute_scores(cfg, layout, mine, device, out, progress=rank == 0)
+    record: dict[str, Any] = {}
+    if info.distributed:
+        dist_utils.barrier()
+        if info.is_main:
+            record = finalize(cfg, ids, out, write_ids=[])
+        dist_utils.barrier()
+        record = _read_json(out.selection) or {}
+        write_outputs(cfg, mine, record, out, progress=info.is_main)
+        dist_utils.barrier()
+    else:
+        missing = [i for i in ids if not out.scores_file(i).is_file()]
+        if missing:
+            log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
+            return {}
+        record = finalize(cfg, ids, out)
+    if rank == 0 or not info.distributed:
+        atomic_write_text(out.done, json.dumps({**record, "finished": time.time()}) + "\n")
+        log.info("pseudo labels: %s (%d images)", out.labels, len(ids))
+    return record
+
+
 def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Pseudo labels for ``cfg.data.pseudo_split``.
+    """Pseudo labels for ``cfg.data.pseudo_split``, then (stage 4 enabled, ``seg.train_split`` another split) the
+    labels stage 4 trains on, at the (t, th) selected on the first.
 
     Args:
         shard: (i, n) to process only ids ``i::n`` (processes launched by hand); default: the torchrun rank and world
@@ -375,39 +429,18 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     Returns:
         The selection record (``t``, ``th``, ``select``, ``miou`` ...), or {} for a shard that left phase 2 to others.
     """
-    from sp_cam.open_data import open_dataset
     from sp_cam.runtime import configure_threads, setup_logging
 
-    info, device = dist_utils.init_distributed(cfg.run.device)
+    info, _ = dist_utils.init_distributed(cfg.run.device)
     configure_threads(cfg.run.num_threads)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     setup_logging(cfg.run.log_level, paths.pseudo_log, rank=info.rank)
-    if is_done(cfg):
-        log.info("pseudo labels already written (%s)", RunPaths.done(paths.pseudo))
-        return _read_json(paths.selection) or {}
-    rank, world = shard if shard is not None else (info.rank, info.world_size)
-    layout = open_dataset(cfg)
-    ids = layout.ids(cfg.data.pseudo_split)
-    mine = dist_utils.shard(ids, rank, world)
-    compute_scores(cfg, layout, mine, device, progress=rank == 0)
-    record: dict[str, Any] = {}
-    if info.distributed:
-        dist_utils.barrier()
-        if info.is_main:
-            record = finalize(cfg, ids, write_ids=[])
-        dist_utils.barrier()
-        record = _read_json(paths.selection) or {}
-        write_outputs(cfg, mine, record, progress=info.is_main)
-        dist_utils.barrier()
-    else:
-        missing = [i for i in ids if not paths.scores_file(i).is_file()]
-        if missing:
-            log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
-            return {}
-        record = finalize(cfg, ids)
-    if rank == 0 or not info.distributed:
-        atomic_write_text(RunPaths.done(paths.pseudo), json.dumps({**record, "finished": time.time()}) + "\n")
-        log.info("pseudo labels: %s (%d images)", paths.pseudo_labels, len(ids))
+    record = label_pass(cfg, paths.pseudo_outputs, shard)
+    g = cfg.seg
+    if record and g.enabled and g.train_split and g.train_split != cfg.data.pseudo_split:
+        log.info("stage 3: labels of seg.train_split=%r at t=%d th=%g (chosen on %r)", g.train_split, record["t"],
+                 record["th"], cfg.data.pseudo_split)  # fmt: skip
+        label_pass(seg_label_config(cfg, record), paths.seg_label_outputs, shard)
     return record
 
 

@@ -8,7 +8,9 @@ Final-weights files (``<stage>/model.pt``, ``torch.load(weights_only=True)``):
 * classifiers (``cam``, ``spcam``): ``{"model_type", "model", "config", "num_classes", "class_names", "backbone",
   "metrics"}``;
 * superpixel FCN (``fcn``): ``{"stage": "fcn", "model", "config", "metric", "mode", "num_classes", "cell_size"}``;
-  published SpixelFCN / SP-CAM files (a bare state dict or ``{"state_dict": ...}``) load too.
+  published SpixelFCN / SP-CAM files (a bare state dict or ``{"state_dict": ...}``) load too;
+* segmentation network (``seg``, ``seg_gt``): ``{"stage", "model", "config", "num_classes", "class_names",
+  "backbone", "labels", "metrics"}``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from torch import nn
 
 from net.classifiers import CAMModel
 from net.classifiers import build_classifier as _build_classifier
+from net.deeplab import DeepLabV2, build_deeplab
 from net.spixel_fcn import SpixelNet, build_spixel_fcn, load_spixel_weights
-from sp_cam.config import ClassifierConfig, Config, ConfigError, FCNConfig, config_from_dict, config_to_dict
+from sp_cam.config import ClassifierConfig, Config, ConfigError, FCNConfig, SegConfig, config_from_dict, config_to_dict
 from sp_cam.io import load_checkpoint
 from sp_cam.paths import RunPaths
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_TYPES = ("cam", "spcam")
 CLASSIFIER_NAMES = {"cam": "CAM baseline", "spcam": "SP-CAM"}
+GT_LABELS = "gt"  # seg.labels value: train stage 4 on the GT masks
 
 
 @contextlib.contextmanager
@@ -143,10 +147,30 @@ def check_num_classes(model: nn.Module, path: Path, num_classes: int) -> None:
 # Superpixel FCN (stage 1)
 
 
+RANDOM_INIT = ("", "none")  # fcn.init / seg.init values that mean random initialisation
+INIT_HINTS = {
+    "fcn.init": "the published code fine-tunes the BSDS500 SpixelFCN checkpoint SpixelNet_bsd_ckpt.tar "
+    "(fuy34/superpixel_fcn, pretrain_ckpt/): put it there, or set fcn.init=none to train stage 1 from scratch",
+    "seg.init": "WSSS papers start DeepLab-V2 from the COCO-pretrained DeepLab-V1 deeplabv1_resnet101-coco.pth "
+    "(kazuto1011/deeplab-pytorch: scripts/setup_caffemodels.sh, then convert.py --dataset coco): put it there, or set "
+    "seg.init=named (ImageNet weights, downloaded) or seg.init=none",
+}
+
+
+def check_init_file(key: str, value: str) -> None:
+    """A local initial-weights file named by ``key`` (``fcn.init``, ``seg.init``) must exist: one line saying where
+    to get it otherwise."""
+    if value in RANDOM_INIT or value in ("named", "lite0-pypi"):
+        return
+    if not Path(value).expanduser().is_file():
+        raise FileNotFoundError(f"{key}={value}: file not found; {INIT_HINTS[key]}")
+
+
 def build_fcn(fcfg: FCNConfig) -> SpixelNet:
     """The stage-1 network: random initialisation, or ``fcn.init`` (published SpixelFCN / SP-CAM weights)."""
     model = SpixelNet()
-    if fcfg.init:
+    if fcfg.init not in RANDOM_INIT:
+        check_init_file("fcn.init", fcfg.init)
         load_spixel_weights(model, Path(fcfg.init).expanduser())
         log.info("stage 1: initialised from %s", fcfg.init)
     else:
@@ -217,3 +241,64 @@ def load_stage3_models(cfg: Config, device: torch.device, num_classes: int, need
     elif need_cam:
         log.info("no baseline CAM model at %s: the ablation's CAM row will be empty", cam_path)
     return Stage3Models(spcam, fcn, cam)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Segmentation network (stage 4)
+
+
+def seg_stage_name(cfg: Config) -> str:
+    """The stage-4 folder of ``seg.labels``: ``seg_gt`` for the GT masks (the supervised reference), else ``seg``."""
+    return "seg_gt" if cfg.seg.labels == GT_LABELS else "seg"
+
+
+def build_segmenter(gcfg: SegConfig, num_classes: int, init: str | None = None) -> DeepLabV2:
+    """DeepLab-V2 of ``seg.backbone``; ``init`` overrides ``seg.init`` (``""`` quietly, before loading weights)."""
+    if init == "":
+        with _quiet("net.deeplab"), _quiet("net.backbones"):
+            return build_deeplab(gcfg.backbone, num_classes, "")
+    source = gcfg.init if init is None else init
+    check_init_file("seg.init", source)
+    return build_deeplab(gcfg.backbone, num_classes, "" if source in RANDOM_INIT else source)
+
+
+def seg_payload(
+    stage: str, weights: dict[str, torch.Tensor], cfg: Config, class_names: tuple[str, ...], labels: str, metrics: dict
+) -> dict[str, Any]:
+    """The final-weights file of stage 4 (read back by :func:`load_segmenter`)."""
+    return {
+        "stage": stage,
+        "model": weights,
+        "config": config_to_dict(cfg),
+        "num_classes": len(class_names) - 1,
+        "class_names": list(class_names),
+        "backbone": cfg.seg.backbone,
+        "labels": labels,
+        "metrics": metrics,
+    }
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> DeepLabV2:
+    """A trained segmentation network from its final weights (``model.pt``), in eval mode.
+
+    Raises:
+        ValueError: not a stage-4 file, or weights that do not fit the network its config describes.
+    """
+    path = Path(path)
+    state = load_checkpoint(path)
+    if state.get("stage") not in ("seg", "seg_gt") or "model" not in state or "config" not in state:
+        raise ValueError(
+            f"{path}: not the final weights of stage 4 (sp_cam.train_seg); found stage {state.get('stage')!r}"
+        )
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise ValueError(f"{path}: stored config does not fit this version ({e})") from None
+    model = build_segmenter(cfg.seg, int(state["num_classes"]), init="")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: weights do not fit the {cfg.seg.backbone} DeepLab-V2 ({str(e).splitlines()[0]})"
+        ) from None
+    return model.to(device).eval()

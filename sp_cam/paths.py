@@ -5,7 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TRAINING_STAGES = ("cam", "fcn", "spcam")  # stage folders written by the training engine
+TRAINING_STAGES = ("cam", "fcn", "spcam", "seg", "seg_gt")  # stage folders written by the training engine
+VOC_TEST_RESULTS = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"  # the VOC evaluation server layout
+
+
+@dataclass(frozen=True)
+class LabelOutputs:
+    """Where one stage-3 pass writes: per-image scores (:mod:`sp_cam.score_store`), label PNGs, score maps, the
+    (t, th) selection, the sweep and the DONE marker."""
+
+    scores: Path
+    labels: Path
+    score_maps: Path
+    selection: Path
+    sweep: Path
+    done: Path
+
+    def scores_file(self, image_id: str) -> Path:
+        return self.scores / f"{image_id}.npz"
+
+    def label(self, image_id: str) -> Path:
+        return self.labels / f"{image_id}.png"
+
+    def score_map(self, image_id: str) -> Path:
+        return self.score_maps / f"{image_id}.npz"
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,14 @@ class RunPaths:
     def spcam(self) -> Path:  # stage 2: SP-CAM training
         return self.root / "spcam"
 
+    @property
+    def seg(self) -> Path:  # stage 4: the segmentation network trained on the pseudo labels
+        return self.root / "seg"
+
+    @property
+    def seg_gt(self) -> Path:  # stage 4 on the GT masks: the fully supervised reference
+        return self.root / "seg_gt"
+
     def stage(self, name: str) -> Path:
         """The folder of training stage ``name`` (one of ``TRAINING_STAGES``)."""
         if name not in TRAINING_STAGES:
@@ -87,6 +118,10 @@ class RunPaths:
     @staticmethod
     def train_log(stage_dir: Path) -> Path:
         return stage_dir / "train.log"
+
+    @staticmethod
+    def eval_log(stage_dir: Path) -> Path:
+        return stage_dir / "eval.log"
 
     @staticmethod
     def stage_config(stage_dir: Path) -> Path:
@@ -125,26 +160,48 @@ class RunPaths:
         return self.root / "pseudo.log"
 
     @property
-    def scores(self) -> Path:  # stage 3: per-image scores and confusion matrices (sp_cam.score_store)
-        return self.pseudo / "scores"
-
-    def scores_file(self, image_id: str) -> Path:
-        return self.scores / f"{image_id}.npz"
+    def pseudo_outputs(self) -> LabelOutputs:
+        """Stage 3 on ``data.pseudo_split``: the seed labels, scored and swept (the reported pseudo-label mIoU)."""
+        return LabelOutputs(
+            scores=self.pseudo / "scores",
+            labels=self.root / "pseudo_labels",
+            score_maps=self.pseudo / "score_maps",
+            selection=self.pseudo / "selection.json",
+            sweep=self.pseudo / "sweep.json",
+            done=self.pseudo / "DONE",
+        )
 
     @property
-    def score_maps(self) -> Path:  # stage 3 (pseudo.save_scores): fused maps of the chosen t (cam_store format)
-        return self.pseudo / "score_maps"
+    def seg_label_outputs(self) -> LabelOutputs:
+        """Stage 3 on ``seg.train_split`` when it is not ``data.pseudo_split``: the labels stage 4 trains on, at the
+        (t, th) selected on ``data.pseudo_split``."""
+        folder = self.root / "pseudo_seg"
+        return LabelOutputs(
+            scores=folder / "scores",
+            labels=self.root / "seg_labels",
+            score_maps=folder / "score_maps",
+            selection=folder / "selection.json",
+            sweep=folder / "sweep.json",
+            done=folder / "DONE",
+        )
 
-    def score_map(self, image_id: str) -> Path:
-        return self.score_maps / f"{image_id}.npz"
+    @property
+    def scores(self) -> Path:  # stage 3: per-image scores and confusion matrices (sp_cam.score_store)
+        return self.pseudo_outputs.scores
+
+    def scores_file(self, image_id: str) -> Path:
+        return self.pseudo_outputs.scores_file(image_id)
+
+    def score_map(self, image_id: str) -> Path:  # pseudo.save_scores: fused maps of the chosen t (cam_store format)
+        return self.pseudo_outputs.score_map(image_id)
 
     @property
     def selection(self) -> Path:  # the chosen (t, th) and how
-        return self.pseudo / "selection.json"
+        return self.pseudo_outputs.selection
 
     @property
     def sweep(self) -> Path:  # mIoU of every (t, th)
-        return self.pseudo / "sweep.json"
+        return self.pseudo_outputs.sweep
 
     @property
     def ablation(self) -> Path:
@@ -152,7 +209,33 @@ class RunPaths:
 
     @property
     def pseudo_labels(self) -> Path:  # stage 3: final pseudo-label PNGs (<id>.png)
-        return self.root / "pseudo_labels"
+        return self.pseudo_outputs.labels
 
     def pseudo_label(self, image_id: str) -> Path:
-        return self.pseudo_labels / f"{image_id}.png"
+        return self.pseudo_outputs.label(image_id)
+
+    @property
+    def seg_labels(self) -> Path:  # stage 3 labels of seg.train_split when it is not data.pseudo_split (<id>.png)
+        return self.seg_label_outputs.labels
+
+    # ------------------------------------------------------------------------------------------- stage 4
+
+    @staticmethod
+    def seg_scores(stage_dir: Path, split: str) -> Path:
+        """Per-image confusion matrices of every inference mode (``<id>.npz``), for resuming the evaluation."""
+        return stage_dir / "eval" / split
+
+    @staticmethod
+    def seg_predictions(stage_dir: Path, split: str) -> Path:
+        """Predicted label PNGs (``<id>.png``) of the final inference mode."""
+        return stage_dir / "predictions" / split
+
+    @staticmethod
+    def seg_summary(stage_dir: Path, split: str) -> Path:
+        """mIoU of every inference mode on ``split`` (JSON); written last, so it closes the evaluation."""
+        return stage_dir / f"eval_{split}.json"
+
+    @staticmethod
+    def voc_test_results(stage_dir: Path) -> Path:
+        """The folder of PNGs to upload to the VOC evaluation server."""
+        return stage_dir / VOC_TEST_RESULTS

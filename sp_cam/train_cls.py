@@ -190,7 +190,13 @@ def classification_scores(
 
 
 def evaluate(
-    net: nn.Module, fcn: nn.Module | None, dataset: EvalDataset, ccfg: ClassifierConfig, model_type: str, cell_size: int
+    net: nn.Module,
+    fcn: nn.Module | None,
+    dataset: EvalDataset,
+    ccfg: ClassifierConfig,
+    model_type: str,
+    cell_size: int,
+    absent: str = "present",
 ) -> dict[str, Any]:
     """Per-epoch evaluation on the eval split, sharded over the processes (all of them must call it).
 
@@ -219,7 +225,7 @@ def evaluate(
     results = {}
     for key in sorted(conf):
         total = dist_utils.all_reduce_sum(torch.from_numpy(conf[key]).to(device)).cpu().numpy()
-        results[key] = iou_from_confusion(total)
+        results[key] = iou_from_confusion(total, absent=absent)
     best_key = max(sorted(results), key=lambda k: results[k].miou)
     scores, labels = classification_scores(net, fcn, dataset, mine, cell_size)
     full_scores = torch.zeros(n, scores.shape[1] if scores.size else net.num_classes, device=device)
@@ -273,7 +279,8 @@ class ClassifierTask(engine.Task):
     def evaluate(self, net):
         if self.eval_set is None:
             return None
-        return evaluate(net, self.fcn, self.eval_set, self.ccfg, self.model_type, self.cfg.fcn.cell_size)
+        cell, absent = self.cfg.fcn.cell_size, self.cfg.eval.absent
+        return evaluate(net, self.fcn, self.eval_set, self.ccfg, self.model_type, cell, absent)
 
     def describe(self, result):
         return (

@@ -131,7 +131,13 @@ def reconstruct_gt(
 
 @torch.no_grad()
 def evaluate(
-    model: SpixelNet, dataset: Any, fcfg: FCNConfig, num_classes: int, device: torch.device, max_images: int = 0
+    model: SpixelNet,
+    dataset: Any,
+    fcfg: FCNConfig,
+    num_classes: int,
+    device: torch.device,
+    max_images: int = 0,
+    absent: str = "present",
 ) -> dict[str, Any] | None:
     """Stage-1 GT-reconstruction mIoU (percent) on the images of ``dataset`` that have GT; None when none has.
 
@@ -159,7 +165,7 @@ def evaluate(
     conf, scored = total[:-1].reshape(conf.shape), int(total[-1])
     if scored == 0:
         return None
-    result = iou_from_confusion(conf)
+    result = iou_from_confusion(conf, absent=absent)
     return {"miou": result.miou, "fg_miou": result.fg_miou, "images": scored}
 
 
@@ -247,7 +253,8 @@ class FCNTask(engine.Task):
         if self.eval_set is None:
             return None
         device = next(net.parameters()).device
-        return evaluate(net, self.eval_set, self.fcfg, self.num_classes, device, self.fcfg.val_max_images)
+        f = self.fcfg
+        return evaluate(net, self.eval_set, f, self.num_classes, device, f.val_max_images, self.cfg.eval.absent)
 
     def describe(self, result):
         return f"GT-reconstruction mIoU {result['miou']:.2f}"

@@ -28,6 +28,8 @@ STAGES = {
     "sp_cam.export_cams",
     "sp_cam.make_pseudo",
     "sp_cam.ablation",
+    "sp_cam.train_seg",
+    "sp_cam.eval_seg",
 }
 DRIVER = "sp_cam.pipeline"
 

@@ -43,6 +43,14 @@ TINY = [
     "export.scales=[1.0]",
     "pseudo.scales=[1.0,0.5]",
     "pseudo.t_list=[0,2]",
+    "seg.backbone=tiny",
+    "seg.iterations=3",
+    "seg.batch_size=2",
+    "seg.crop_size=48",
+    "seg.eval_every=0",
+    "seg.test_scales=[1.0,0.5]",
+    "seg.crf=none",
+    "seg.gt_reference=true",
 ]
 
 
@@ -78,8 +86,16 @@ def test_outputs_and_metrics(full_run: Path):
         label = read_label_png(full_run / "pseudo_labels" / f"{i}.png")
         assert label.shape == (64, 64) and label.max() <= 5
     assert (full_run / "ablation.md").read_text().count("\n") >= 5
-    for stage in ("cam", "cams", "fcn", "spcam", "pseudo"):
+    for stage in ("cam", "cams", "fcn", "spcam", "pseudo", "seg", "seg_gt"):
         assert (full_run / stage / "DONE").is_file(), stage
+    for key in ("seg_miou", "seg_miou_ms", "seg_gt_miou"):  # stage 4 on val, and its supervised reference
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert "seg_miou_crf" not in metrics and metrics["seg_split"] == "val" and metrics["absent"] == "present"
+    assert [r["key"] for r in metrics["seg_ablation"]] == ["g", "h", "j", "k"]
+    assert set(metrics["per_class"]["rows"]) == {"cam", "spcam", "seg", "seg_gt"}
+    assert all(len(v) == 6 for v in metrics["per_class"]["rows"].values())
+    val = (full_run / "toy_data" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert sorted(p.stem for p in (full_run / "seg" / "predictions" / "val").glob("*.png")) == sorted(val)
     assert (full_run / "config.yaml").is_file()
 
 
@@ -167,7 +183,12 @@ def test_two_processes_with_torchrun(tmp_path: Path):
         "sp_cam.train_fcn",
         "sp_cam.train_cls spcam",
         "sp_cam.make_pseudo",
+        "sp_cam.train_seg",
+        "sp_cam.eval_seg",
+        "sp_cam.train_seg",
+        "sp_cam.eval_seg",
     ]
+    assert launches[-1].endswith("seg.labels=gt") and launches[-2].endswith("seg.labels=gt")
     fcn_records = [json.loads(x) for x in (work / "fcn" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in fcn_records if r["kind"] == "epoch"] == [3, 6]  # 6 images, global batch 2, rank 0 logs
     assert "gloo on CPU: no SyncBatchNorm, the 14 BN layers of SpixelNet keep per-process batch statistics" in out
