@@ -46,6 +46,7 @@ class RunConfig:
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     log_level: LogLevel = "INFO"
+    allow_config_change: bool = False  # resume a training stage although its hyper-parameters changed (else an error)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class ExportConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
     dtype: Literal["uint8", "float16"] = "uint8"
+    max_side: int = 1024  # images with a longer side are downscaled for inference, the CAMs upsampled back; 0 = off
 
 
 @dataclass
@@ -167,6 +169,7 @@ class PseudoConfig:
     ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
     save_scores: bool = False  # also write fused score maps (.npz)
     ablation: bool = True  # same pass: other upsampling, baseline CAM, superpixel upper bounds (images with GT)
+    max_side: int = 1024  # images with a longer side are downscaled for inference, the scores upsampled back; 0 = off
 
 
 @dataclass
@@ -206,6 +209,7 @@ class SegConfig:
     select: Selection = "last"  # last: the final weights (as deeplab-pytorch) | gt: best validation mIoU
     test_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # multi-scale inference
     test_flip: bool = True
+    max_side: int = 1024  # images with a longer side are downscaled for inference, the labels upsampled back; 0 = off
     crf: Literal["auto", "require", "none"] = "auto"  # auto: when pydensecrf2 is installed
     crf_iterations: int = 10  # deeplab-pytorch CRF.ITER_MAX
     crf_pos_w: float = 3.0  # deeplab-pytorch CRF.POS_W
@@ -370,6 +374,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.drm_head_widths={c.drm_head_widths}: expected positive integers")
 
     _positive_list(cfg, "export.scales")
+    _at_least(cfg, "export.max_side pseudo.max_side seg.max_side", 0)
 
     p = cfg.pseudo
     _positive_list(cfg, "pseudo.scales")
