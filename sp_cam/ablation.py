@@ -36,15 +36,20 @@ from typing import Any
 
 import numpy as np
 
+from data.voc_layout import VOCLayout
 from sp_cam import cli
 from sp_cam.config import Config, load_config
+from sp_cam.guard import LOCK_FILE, check_done
 from sp_cam.io import atomic_write_json, atomic_write_text
 from sp_cam.metrics import iou_from_confusion
 from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.score_store import sum_confusions, t_values, th_values
+from sp_cam.stage_guard import PSEUDO_RELABEL, claim, pseudo_inputs
 
 log = logging.getLogger("spcam.ablation")
+
+ABLATION_LOCK = f"{LOCK_FILE}-ablation"  # in the work dir, beside the files it writes
 
 
 SEG_ROWS = (  # (key, stage folder, inference mode, name)
@@ -254,9 +259,29 @@ def write_metrics(
     return metrics
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def check_stage3(cfg: Config, layout: VOCLayout) -> None:
+    """Stage 3 finished for this config: its DONE marker exists and was written for the current inputs.
+
+    Raises:
+        FileNotFoundError: no DONE marker (stage 3 unfinished).
+        ValueError: it was made with other selection settings (re-run stage 3, which re-selects from the scores).
+        StaleOutputError: it was made from other scores (other weights, dataset or score settings).
+    """
+    done = RunPaths.from_work_dir(cfg.run.work_dir).pseudo_outputs.done
+    if not done.is_file():
+        raise FileNotFoundError(f"stage 3 not finished: {done} not found (run python -m sp_cam.make_pseudo first)")
+    if not check_done(done, pseudo_inputs(cfg, layout), stage="pseudo", recompute=PSEUDO_RELABEL):
+        raise ValueError(
+            f"{done}: the pseudo labels were selected with other settings; run python -m sp_cam.make_pseudo first "
+            "(it re-selects from the stored scores)"
+        )
+
+
+def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Build the ablation from the stored matrices; write ``ablation.json``, ``ablation.md`` and ``metrics.json``.
 
+    Args:
+        force: remove those three files first (they are rewritten on every run anyway).
     Returns:
         The ``metrics.json`` content.
     """
@@ -273,6 +298,15 @@ def run(cfg: Config) -> dict[str, Any]:
         )
     layout = open_dataset(cfg)
     ids = layout.ids(cfg.data.pseudo_split)
+    check_stage3(cfg, layout)
+    outputs = [paths.ablation, paths.ablation_table, paths.metrics]
+    with claim(
+        cfg, paths.root, "evaluation", lock_name=ABLATION_LOCK, force=outputs if force else [], clean=[paths.root]
+    ):
+        return _write(cfg, paths, layout, ids, selection)
+
+
+def _write(cfg: Config, paths: RunPaths, layout: VOCLayout, ids: list[str], selection: dict[str, Any]) -> dict:
     rows, num_gt = build_rows(cfg, ids, selection)
     seg = seg_rows(cfg)
     atomic_write_json(
@@ -294,11 +328,13 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(cli.stage_parser(__doc__, config_required=True), argv)
+    parser = cli.stage_parser(__doc__, config_required=True)
+    parser.add_argument("--force", action="store_true", help="remove the ablation and metrics files first")
+    args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
-        run(cfg)
+        run(cfg, force=args.force)
         print(RunPaths.from_work_dir(cfg.run.work_dir).ablation_table.read_text())
 
     return cli.run_command(body)

@@ -102,6 +102,7 @@ class FCNConfig:
     val_grid: int = 12  # ref (intended, docs/method.md §5.3): GT downsampled to 12x12 before reconstruction
     val_walk_steps: int = 19  # ref: 19 walk steps between pooling and upsampling
     val_max_images: int = 0  # 0 = the whole eval split
+    val_every: int = 1  # validate every N epochs and after the last (0 = never; select=gt picks among these)
     mask_padding: bool = True  # extension: crop padding left out of the loss (ref counts padded pixels as background)
     log_every: int = 10  # steps between JSON-lines training records
 
@@ -148,7 +149,7 @@ class ExportConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
     dtype: Literal["uint8", "float16"] = "uint8"
-    max_side: int = 1024  # images with a longer side are downscaled for inference, the CAMs upsampled back; 0 = off
+    max_side: int = 1024  # longer side above it: CAMs computed at it, upsampled back (README Performance); 0 = off
 
 
 @dataclass
@@ -169,7 +170,7 @@ class PseudoConfig:
     ignore_band: float = 0.0  # > 0: pixels whose top-2 margin is below it become 255 (extension, off in ref)
     save_scores: bool = False  # also write fused score maps (.npz)
     ablation: bool = True  # same pass: other upsampling, baseline CAM, superpixel upper bounds (images with GT)
-    max_side: int = 1024  # images with a longer side are downscaled for inference, the scores upsampled back; 0 = off
+    max_side: int = 1024  # longer side above it: scores computed at it, upsampled back (README Performance); 0 = off
 
 
 @dataclass
@@ -209,7 +210,7 @@ class SegConfig:
     select: Selection = "last"  # last: the final weights (as deeplab-pytorch) | gt: best validation mIoU
     test_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # multi-scale inference
     test_flip: bool = True
-    max_side: int = 1024  # images with a longer side are downscaled for inference, the labels upsampled back; 0 = off
+    max_side: int = 1024  # longer side above it: probabilities at it, upsampled back (README Performance); 0 = off
     crf: Literal["auto", "require", "none"] = "auto"  # auto: when pydensecrf2 is installed
     crf_iterations: int = 10  # deeplab-pytorch CRF.ITER_MAX
     crf_pos_w: float = 3.0  # deeplab-pytorch CRF.POS_W
@@ -346,9 +347,11 @@ def validate(cfg: Config) -> None:
 
     f = cfg.fcn
     _at_least(cfg, "fcn.cell_size fcn.epochs fcn.batch_size fcn.val_grid fcn.log_every", 1)
-    _at_least(cfg, "fcn.val_walk_steps fcn.weight_decay", 0)
+    _at_least(cfg, "fcn.val_walk_steps fcn.weight_decay fcn.val_every", 0)
     if f.lr <= 0:
         raise ConfigError(f"fcn.lr={f.lr}: expected > 0")
+    if f.select == "gt" and f.val_every == 0:
+        raise ConfigError("fcn.select=gt picks the best validated epoch: it needs fcn.val_every >= 1")
     if not 0.0 <= f.affinity_warmup <= 1.0:
         raise ConfigError(f"fcn.affinity_warmup={f.affinity_warmup}: expected a fraction in [0, 1]")
     multiple = math.lcm(INPUT_MULTIPLE, f.cell_size)

@@ -20,6 +20,10 @@ file). The engine owns the rest:
 * selection: ``select: gt`` keeps the weights of the best evaluation in ``best.pt`` and makes them the final weights;
   a later evaluation replaces the best only when its ``miou`` is strictly higher, so **a tie keeps the earlier
   epoch**; ``select: last`` keeps the last epoch;
+* the stage's guards (:mod:`sp_cam.stage_guard`): the stage lock held by rank 0 for the whole run, ``--force``, the
+  clean-up of temporary files a killed run left; ``DONE`` records the stage's inputs (config fields, split lists,
+  upstream digests), a re-run for other inputs is refused with one line, and so is a resume from a ``last.pt`` of
+  other inputs (unless ``run.allow_config_change``); ``config.yaml`` is written once these checks passed;
 * rank-0 logging, JSON-lines records (``metrics.jsonl``: ``train`` every ``log_every`` steps, ``epoch``, ``eval``,
   ``resume``), an optional TensorBoard writer, a progress bar with the time left.
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +44,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from data.voc_layout import VOCLayout
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config, ConfigError, config_to_dict, save_config
-from sp_cam.io import append_jsonl, atomic_write_text, load_checkpoint, save_checkpoint
+from sp_cam.guard import check_done, write_done
+from sp_cam.io import append_jsonl, load_checkpoint, save_checkpoint
+from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import (
     configure_threads,
@@ -52,6 +59,7 @@ from sp_cam.runtime import (
     seed_everything,
     set_rng_state,
 )
+from sp_cam.stage_guard import claim
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,9 @@ class Stage:
         name: the stage folder and checkpoint tag (``cam``, ``spcam``, ``fcn``).
         label: the log prefix (``cam``, ``stage 1``, ...).
         section: the config section of the stage's hyper-parameters (``cam``, ``spcam``, ``fcn``).
+        layout: the dataset of the run.
+        inputs: what the stage's outputs are computed from (:mod:`sp_cam.stage_guard`): recorded in ``DONE`` and in
+            every checkpoint, compared on resume.
     """
 
     cfg: Config
@@ -83,25 +94,47 @@ class Stage:
     dir: Path
     info: dist_utils.DistInfo
     device: torch.device
+    layout: VOCLayout
+    inputs: dict[str, Any]
 
     @property
     def is_main(self) -> bool:
         return self.info.is_main
 
 
-def open_stage(cfg: Config, name: str, label: str, section: str | None = None) -> Stage | None:
-    """Start training stage ``name``: None (and a log line) when its ``DONE`` marker exists; otherwise configure the
-    threads, join the process group (under torchrun) and, on rank 0, create the stage folder with its config.yaml."""
+@contextlib.contextmanager
+def open_stage(
+    cfg: Config,
+    name: str,
+    label: str,
+    inputs: Callable[[VOCLayout], dict[str, Any]],
+    section: str | None = None,
+    force: bool = False,
+) -> Iterator[Stage | None]:
+    """Open training stage ``name`` for the ``with`` block: ``with open_stage(...) as stage: ...``.
+
+    Configures the threads, joins the process group (under torchrun), opens the dataset and computes the stage's
+    ``inputs(layout)``; then rank 0 takes the stage lock (held to the end of the block), removes the stage folder's
+    content with ``force`` and the temporary files a killed run left. Yields None (and logs a line) when ``DONE`` was
+    written for the same inputs.
+
+    Raises:
+        StageLockedError: another run of the stage holds its folder.
+        StaleOutputError: ``DONE`` was written for other inputs (one line naming the changed keys).
+    """
     sdir = RunPaths.from_work_dir(cfg.run.work_dir).stage(name)
-    if RunPaths.done(sdir).is_file():
-        log.info("%s: %s exists, stage already finished (%s)", label, RunPaths.done(sdir), RunPaths.model(sdir))
-        return None
     configure_threads(cfg.run.num_threads)
     info, device = dist_utils.init_distributed(cfg.run.device)
-    if info.is_main:
-        sdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, RunPaths.stage_config(sdir))
-    return Stage(cfg, name, label, section or name, sdir, info, device)
+    layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
+    expected = inputs(layout)
+    with claim(cfg, sdir, label, owner=info.is_main, force=[sdir] if force else [], clean=[sdir], device=device):
+        if check_done(RunPaths.done(sdir), expected, stage=name):
+            log.info("%s: %s exists, stage already finished (%s)", label, RunPaths.done(sdir), RunPaths.model(sdir))
+            yield None
+            return
+        if info.is_main:
+            sdir.mkdir(parents=True, exist_ok=True)
+        yield Stage(cfg, name, label, section or name, sdir, info, device, layout, expected)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -336,6 +369,7 @@ class _Trainer:
             "step": s.step,
             "rng": rng_state(),
             "config": config_to_dict(self.stage.cfg),
+            "inputs": self.stage.inputs,
             "best": dict(s.best),
             "last_eval": dict(s.last_eval),
             "initial": dict(s.initial),
@@ -350,8 +384,9 @@ class _Trainer:
                 f"{path}: a training checkpoint of stage {ckpt.get('stage')!r}, not of {stage.name!r} "
                 f"(remove it to start the stage afresh)"
             )
-        now = config_to_dict(stage.cfg)
-        restore_model_and_optimizer(ckpt, path, now, (stage.section, "data"), s.net, s.optimizer)
+        restore_model_and_optimizer(
+            ckpt, path, stage.inputs, s.net, s.optimizer, stage.name, stage.cfg.run.allow_config_change
+        )
         if s.scheduler is not None and ckpt.get("scheduler"):
             s.scheduler.load_state_dict(ckpt["scheduler"])
         if s.scaler is not None and ckpt.get("scaler"):
@@ -551,7 +586,7 @@ class _Trainer:
             rule = "last"
         payload = self.task.final_payload(weights, Selection(rule, metrics, dict(s.initial)))
         save_checkpoint(RunPaths.model(stage.dir), payload)
-        atomic_write_text(RunPaths.done(stage.dir), f"{stage.label} finished after {s.epoch} epochs\n")
+        write_done(RunPaths.done(stage.dir), stage.inputs, {"epochs": s.epoch, "steps": s.step, "selection": metrics})
         log.info("%s: final weights %s", stage.label, RunPaths.model(stage.dir))
 
     def close(self) -> None:
@@ -588,6 +623,8 @@ def fit(
         last = RunPaths.last_checkpoint(stage.dir)
         if last.is_file():
             trainer.resume(last)
+        if stage.is_main:  # only now: a run refused above leaves the config of the run that wrote last.pt
+            save_config(stage.cfg, RunPaths.stage_config(stage.dir))
         if stage.info.distributed:
             state.model = dist_utils.wrap_ddp(module, stage.device)
         trainer.run()

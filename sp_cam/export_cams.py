@@ -7,7 +7,11 @@ For each id: the baseline CAM model (``RunPaths.model(paths.cam)``) runs at ``ex
 the per-pass softmax on the 1/16 grid is resized bilinearly to the image size, summed over the passes, normalised per
 channel (PuzzleCAM ``make_cam``) and masked by the image tags (sp_cam.inference, CAM path). Only the present
 foreground classes are stored, as ``paths.cams/<id>.npz`` (sp_cam.cam_store, uint8 or float16; docs/decisions.md D12, docs/method.md §8.3).
-Existing files are skipped, so an interrupted export continues; ``DONE`` is written once every id has its file.
+Existing complete files are skipped (a missing, empty, truncated or damaged one is redone), so an interrupted export
+continues; ``DONE`` is written once every id has its file. Both ``DONE`` and ``STARTED`` (written before the first
+CAM file) record the inputs (:mod:`sp_cam.stage_guard`): a re-run for other inputs (another dataset, other baseline
+weights, other export settings) is refused with one line naming what changed; ``--force`` removes the CAMs first.
+The CAM files themselves carry no fingerprint: they are tied to their inputs through these two records.
 """
 
 from __future__ import annotations
@@ -23,20 +27,24 @@ from tqdm import tqdm
 from data.datasets import EvalDataset
 from sp_cam import cli
 from sp_cam import distributed as dist_utils
-from sp_cam.cam_store import save_cam
+from sp_cam.cam_store import is_valid, save_cam
 from sp_cam.config import Config, load_config, save_config
+from sp_cam.guard import LOCK_FILE, check_done, shard_lock_name, write_done
 from sp_cam.inference import infer_present
-from sp_cam.io import atomic_write_text
 from sp_cam.models import check_num_classes, load_classifier
 from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
-from sp_cam.runtime import configure_threads, resolve_device, setup_logging
+from sp_cam.runtime import configure_threads, setup_logging
+from sp_cam.stage_guard import claim, export_inputs
 
 log = logging.getLogger("sp_cam.export_cams")
 
 
-def missing_ids(paths: RunPaths, ids: list[str]) -> list[str]:
-    """The ids without a CAM file, in order."""
+def missing_ids(paths: RunPaths, ids: list[str], check: bool = True) -> list[str]:
+    """The ids without a complete CAM file, in order: missing, or (``check``) empty, truncated or damaged
+    (:func:`sp_cam.cam_store.is_valid`, which reads the whole file)."""
+    if check:
+        return [i for i in ids if not is_valid(paths.cam_file(i))]
     return [i for i in ids if not paths.cam_file(i).is_file()]
 
 
@@ -59,41 +67,65 @@ def export_one(model: torch.nn.Module, item: dict, out: Path, cfg: Config) -> No
         t_list=[0],
         upsamples=("bilinear",),
         cell_size=cfg.fcn.cell_size,
+        max_side=cfg.export.max_side,
     )
     (scores,) = res.scores.values()  # the CAM path has a single key: (n, H0, W0)
     save_cam(out, scores.numpy(), res.classes.numpy(), cfg.export.dtype)
 
 
-def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
+def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) -> Path:
     """Export the baseline CAMs of ``data.train_split``; returns the CAM folder.
 
     Args:
         shard: (i, n) to process ``ids[i::n]`` only; default: RANK / WORLD_SIZE under torchrun, else everything.
+        force: remove the CAM folder first (not with ``shard``: it would remove the other shards' files).
+    Raises:
+        StaleOutputError: ``DONE`` (or, for an unfinished export, ``STARTED``) was written for other inputs.
     """
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     out_dir = paths.cams
-    done = RunPaths.done(out_dir)
-    if done.is_file():
-        log.info("export: %s exists, CAMs already exported", done)
-        return out_dir
-    info = dist_utils.env_info()
+    done, started = RunPaths.done(out_dir), RunPaths.started(out_dir)
+    if force and shard is not None:
+        raise ValueError("--force with --shard would remove the other shards' CAM files: run --force without --shard")
+    configure_threads(cfg.run.num_threads)
+    info, device = dist_utils.init_distributed(cfg.run.device)
     rank, world = shard if shard is not None else (info.rank, info.world_size)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard {rank}/{world}: expected i/n with 0 <= i < n")
-    configure_threads(cfg.run.num_threads)
-    device = resolve_device(cfg.run.device, local_rank=info.local_rank)
 
-    layout = open_dataset(cfg)
+    layout = dist_utils.main_first(lambda: open_dataset(cfg))
     dataset = EvalDataset(layout, cfg.data.train_split)
     weights = RunPaths.model(paths.cam)
     if not weights.is_file():
         raise FileNotFoundError(f"baseline CAM weights not found: {weights} (run python -m sp_cam.train_cls cam first)")
-    model = load_classifier(weights, "cam", device)
-    check_num_classes(model, weights, layout.num_classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, RunPaths.stage_config(out_dir))
+    inputs = export_inputs(cfg, layout, weights)
+    by_hand = shard is not None
+    owner = info.is_main or by_hand
+    lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
+    clean = [] if by_hand else [out_dir]  # another shard's temporary file may be one being written
+    with claim(cfg, out_dir, "export", owner, lock_name, [out_dir] if force else [], clean, device):
+        if check_done(done, inputs, stage="export"):
+            log.info("export: %s exists, CAMs already exported", done)
+            return out_dir
+        check_done(started, inputs, stage="export", state="was started")  # CAM files of other inputs: an error
+        model = load_classifier(weights, "cam", device)
+        check_num_classes(model, weights, layout.num_classes)
+        if owner:
+            write_done(started, inputs)
+        if rank == 0:
+            save_config(cfg, RunPaths.stage_config(out_dir))
+        _export(cfg, paths, dataset, model, rank, world)
+        dist_utils.barrier()
+        if missing_ids(paths, dataset.ids, check=False):
+            log.info("export: shard %d/%d finished; CAMs of other shards still missing", rank, world)
+        elif owner:  # every shard checked (or wrote) its own files completely
+            write_done(done, inputs, {"cams": len(dataset.ids), "split": cfg.data.train_split})
+            log.info("export: all %d CAMs in %s", len(dataset.ids), out_dir)
+    return out_dir
 
+
+def _export(cfg: Config, paths: RunPaths, dataset: EvalDataset, model: torch.nn.Module, rank: int, world: int) -> None:
+    """Write the missing or damaged CAM files of shard ``rank``/``world``."""
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     mine = dist_utils.shard(dataset.ids, rank, world)
     todo = missing_ids(paths, mine)
@@ -117,25 +149,19 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> Path:
         export_one(model, item, paths.cam_file(item["id"]), cfg)
         bar.set_postfix(img_s=f"{n / max(time.time() - start, 1e-9):.2f}")
     bar.close()
-    left = missing_ids(paths, dataset.ids)
-    if left:
-        log.info("export: shard %d/%d finished; %d ids of other shards still missing", rank, world, len(left))
-    else:
-        atomic_write_text(done, f"{len(dataset.ids)} CAMs of split {cfg.data.train_split}\n")
-        log.info("export: all %d CAMs in %s", len(dataset.ids), out_dir)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--shard", type=str, default=None, help="i/n: process ids[i::n] only (default: torchrun rank)")
+    parser.add_argument("--force", action="store_true", help="remove the exported CAMs and export them afresh")
     args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
         shard = dist_utils.parse_shard(args.shard) if args.shard else None
         setup_logging(cfg.run.log_level, RunPaths.from_work_dir(cfg.run.work_dir).export_log)
-        run(cfg, shard)
+        run(cfg, shard, force=args.force)
 
     return cli.run_command(body)
 

@@ -8,7 +8,11 @@ never removed (removing a lock file lets two processes lock two different files)
 DONE marker: ``<stage dir>/DONE`` as JSON ``{"format", "fingerprint", "inputs", "finished", "extra"}``, where
 ``inputs`` is what the outputs were computed from (config values, weights digests, the split list) and
 ``fingerprint`` its sha256. :func:`check_done` says whether a finished stage can be reused, refuses one finished for
-other inputs with one line naming the changed keys, and reuses markers of the older plain-text form with a warning.
+other inputs with one line naming the changed keys, and reuses markers of the older plain-text form with a warning;
+:func:`done_fingerprint` is what a later stage records of an earlier one whose files it reads.
+
+``--force``: :func:`remove_outputs` deletes a stage's outputs, only inside the work dir, keeping the lock file.
+What each stage records and how the stages take their lock: :mod:`sp_cam.stage_guard`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +206,58 @@ class StageLock:
             os.close(fd)
 
 
+def shard_lock_name(shard: tuple[int, int]) -> str:
+    """The lock file of shard ``(i, n)`` launched by hand (``--shard i/n``): ``.lock-shard-<i>-of-<n>``."""
+    return f"{LOCK_FILE}-shard-{shard[0]}-of-{shard[1]}"
+
+
+def _is_kept(path: Path) -> bool:
+    """Lock files (removing one lets two processes lock two files) and log files (held open by the running command)."""
+    return path.name == LOCK_FILE or path.name.startswith(LOCK_FILE + "-") or path.suffix == ".log"
+
+
+def remove_outputs(work_dir: str | Path, paths: Sequence[str | Path]) -> list[Path]:
+    """Delete a stage's outputs for ``--force``: each of ``paths`` (a folder with everything in it, or a file), all of
+    which must lie inside ``work_dir``.
+
+    A folder keeps its lock and log files (see :func:`_is_kept`) and is removed when nothing else is left. Links are
+    removed as links, never followed: a folder linked to another disk keeps its files there.
+
+    Returns:
+        The paths that existed and were removed (or emptied).
+    Raises:
+        ValueError: a path that is not strictly inside ``work_dir`` (nothing is removed then).
+        CannotWriteError: a file that cannot be removed.
+    """
+    root = Path(work_dir).resolve()
+    targets = [Path(p) for p in paths]
+    for target in targets:
+        parent = target.parent.resolve()
+        if target.name in ("", ".", "..") or not (parent == root or root in parent.parents):
+            raise ValueError(f"--force: {target} is not inside the work dir {root}; nothing removed")
+    removed = []
+    for target in targets:
+        if not (target.exists() or target.is_symlink()):
+            continue
+        try:
+            if target.is_symlink() or not target.is_dir():
+                target.unlink()
+            else:
+                for entry in sorted(target.iterdir()):
+                    if _is_kept(entry) and not entry.is_symlink() and entry.is_file():
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                if not any(target.iterdir()):
+                    target.rmdir()
+        except OSError as e:
+            raise cannot_write(Path(e.filename) if e.filename else target, e) from None
+        removed.append(target)
+    return removed
+
+
 # ---------------------------------------------------------------- fingerprints
 
 
@@ -279,13 +336,24 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def check_done(done_path: str | Path, expected: Mapping[str, Any], stage: str | None = None) -> bool:
+def check_done(
+    done_path: str | Path,
+    expected: Mapping[str, Any],
+    stage: str | None = None,
+    recompute: Sequence[str] = (),
+    state: str = "finished",
+) -> bool:
     """Whether the stage of ``done_path`` finished for the inputs ``expected`` (and may be skipped).
 
     Args:
         done_path: the stage's ``DONE`` marker.
         expected: what the outputs would be computed from now (the ``inputs`` given to :func:`write_done`).
         stage: the stage's name for the message (default: the folder holding ``done_path``).
+        recompute: dotted keys (or key prefixes) of ``expected`` that the stage brings up to date itself (stage 3
+            re-selects its labels from the stored scores): a marker that differs only there is not done (False, with
+            a log line), not an error.
+        state: the word of the message: ``finished`` for a DONE marker, ``was started`` for the record a stage
+            writes before its per-file outputs.
     Returns:
         False without a marker; True for a marker written for ``expected``, or for a marker of the older plain-text
         (or fingerprint-less JSON) form, reused with a warning.
@@ -313,10 +381,34 @@ def check_done(done_path: str | Path, expected: Mapping[str, Any], stage: str | 
     changes = changed_keys(old, expected) if isinstance(old, Mapping) else ["inputs: (unreadable) -> (current)"]
     if not changes:  # same values, other fingerprint: a marker edited by hand or of another fingerprint version
         changes = ["fingerprint: differs"]
+    if recompute and all(_under(c.partition(": ")[0], recompute) for c in changes):
+        log.info(
+            "%s: %s for other settings (%s): bringing the outputs up to date", done_path, state, "; ".join(changes)
+        )
+        return False
     raise StaleOutputError(
-        f"{done_path}: {stage} finished for other inputs ({'; '.join(changes)}); "
+        f"{done_path}: {stage} {state} for other inputs ({'; '.join(changes)}); "
         f"use a new run.work_dir or --force {stage}"
     )
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def done_fingerprint(done_path: str | Path) -> str | None:
+    """What a stage's ``DONE`` marker says its outputs are, for the stages that read them: the recorded fingerprint,
+    the sha256 of a marker of the older form (stable while it is not rewritten), None without a marker."""
+    done_path = Path(done_path)
+    if not done_path.is_file():
+        return None
+    try:
+        record = json.loads(done_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("fingerprint"), str):
+        return record["fingerprint"]
+    return file_digest(done_path)
 
 
 def write_done(done_path: str | Path, inputs: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:

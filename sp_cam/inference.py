@@ -22,6 +22,14 @@ post-processing of a 375x500 image with 2 present classes, 8 passes and t in {0,
 
 Baseline CAM path (``fcn is None`` or a ``CAMModel``; docs/method.md §4 "step B variant"): no PSAM and no walk; the per-pass
 softmax on the 1/16 grid is resized bilinearly straight to (H0, W0), then fused and normalised the same way (key t = 0).
+
+Memory (``tools/benchmark.py --sections large``): the peak is the superpixel FCN's forward of the largest scale (the
+flipped pair in one batch, about 3.8 GiB per megapixel of the image for its 2x pass); everything after the forwards
+stays below it. ``max_side`` bounds it: an image whose longer side exceeds it is resized (bilinear, antialiased, aspect
+kept) to that longer side, inference runs there, and the fused scores are resized back to (H0, W0) at the end, so only
+the outputs are held at full size. Exact savings at any size: the forwards run largest scale first (nothing else is held
+during the largest one; the walk and the fusion still take the passes in the order of ``scales``), each pass's PSAM is
+released once the pass is fused, and the normalisation works in place.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ class FusedScores:
         classes: (n,) int64, the present foreground classes (1..K), ascending.
         scores: {(upsample, t): (n, H0, W0) float32 in [0, 1]}; row i holds class ``classes[i]``.
         size: (H0, W0).
-        psam: (1, 9, H1, W1) PSAM of the unflipped scale-1 pass (when that pass ran; superpixel maps), else None.
+        psam: (1, 9, H1, W1) PSAM of the unflipped scale-1 pass (when that pass ran; superpixel maps), else None; that
+            of the resized image when ``max_side`` resized it.
     """
 
     classes: torch.Tensor
@@ -84,15 +93,36 @@ def _is_cam_model(model: nn.Module, fcn: nn.Module | None) -> bool:
     return fcn is None or kind == "cam"
 
 
-def _normalise(fused: torch.Tensor) -> torch.Tensor:
-    """PuzzleCAM ``make_cam`` per channel: (..., n, H, W) -> same shape, max of each channel just below 1."""
-    peak = F.relu(fused).amax(dim=(-2, -1), keepdim=True)
-    return F.relu(fused - NORM_EPS) / (peak + NORM_EPS)
-
-
 def present_classes(labels: torch.Tensor) -> torch.Tensor:
     """(K,) multi-hot -> (n,) int64 foreground class indices 1..K, ascending."""
     return torch.nonzero(torch.as_tensor(labels).reshape(-1) > 0).reshape(-1).long() + 1
+
+
+def max_side_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The inference size of an image under ``max_side``: (H, W) itself when ``max_side`` is 0 or the longer side is at
+    most ``max_side``, else the size whose longer side is ``max_side`` and whose shorter side is rounded to keep the
+    aspect (at least 1)."""
+    H, W = int(size[0]), int(size[1])
+    if max_side <= 0 or max(H, W) <= max_side:
+        return H, W
+    if H >= W:
+        return max_side, max(1, round(W * max_side / H))
+    return max(1, round(H * max_side / W)), max_side
+
+
+def resize_to_max_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
+    """(B, C, H, W) float -> (B, C, h, w) at :func:`max_side_size` (bilinear, antialiased); ``x`` itself if it fits."""
+    size = max_side_size(tuple(x.shape[-2:]), max_side)
+    if size == tuple(x.shape[-2:]):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W) bilinear (``align_corners=False``) on the maps' device; the input if already that size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 @torch.no_grad()
@@ -108,6 +138,8 @@ def infer_present(
     renormalize_asam: bool = False,
     cell_size: int = CELL_SIZE,
     keep_psam: bool = False,
+    *,
+    max_side: int = 0,
 ) -> FusedScores:
     """Fused scores of the image's present classes for every (upsample mode, t); the networks run once per scale.
 
@@ -125,8 +157,11 @@ def infer_present(
         upsamples: any of "psam", "bilinear" (grid -> padded scale-1 size directly); the CAM path is always bilinear.
         renormalize_asam: docs/decisions.md D6, renormalise ASAM rows to 1.
         keep_psam: keep the PSAM of the unflipped scale-1 pass in the result.
+        max_side: 0 = off. An image whose longer side is above it runs at :func:`max_side_size` (resized by
+            :func:`resize_to_max_side`) and every score map is resized back to (H0, W0) by :func:`upsample_maps` on the
+            CPU: the result is exactly that of the resized image, upsampled (its PSAM is the resized image's). Logged.
     Returns:
-        :class:`FusedScores`; on the CAM path the keys are ("bilinear", 0).
+        :class:`FusedScores` at (H0, W0); on the CAM path the keys are ("bilinear", 0).
     """
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
@@ -135,6 +170,35 @@ def infer_present(
     bad = [u for u in upsamples if u not in UPSAMPLE_MODES]
     if bad or not upsamples:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {list(upsamples)}")
+    if max_side < 0:
+        raise ValueError(f"max_side must be >= 0 (0 = off), got {max_side}")
+    args = (labels, scales, flip, t_list, upsamples, renormalize_asam, cell_size, keep_psam)
+    size = (int(image.shape[2]), int(image.shape[3]))
+    run_size = max_side_size(size, max_side)
+    if run_size == size or present_classes(labels).numel() == 0:
+        return _fused_scores(model, fcn, image, *args)
+    log.info("image %dx%d is above max_side=%d: inference at %dx%d, scores resized back", *size, max_side, *run_size)
+    small = resize_to_max_side(image.to(model_device(model), torch.float32), max_side)
+    res = _fused_scores(model, fcn, small, *args)
+    del small
+    scores = {key: upsample_maps(maps, size) for key, maps in res.scores.items()}
+    return FusedScores(res.classes, scores, size, res.psam)
+
+
+def _fused_scores(
+    model: nn.Module,
+    fcn: nn.Module | None,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    t_list: Sequence[int],
+    upsamples: Sequence[str],
+    renormalize_asam: bool,
+    cell_size: int,
+    keep_psam: bool,
+) -> FusedScores:
+    """:func:`infer_present` at the image's own size (arguments validated there)."""
     device = model_device(model)
     image = image.to(device, torch.float32)
     size = (int(image.shape[2]), int(image.shape[3]))
@@ -153,37 +217,43 @@ def infer_present(
     fuse_size = size if cam_path else scaled_size(size, 1.0, cell_size)
     ts = [0] if cam_path else sorted(set(int(t) for t in t_list))
     modes = ["bilinear"] if cam_path else list(dict.fromkeys(upsamples))
-    # One buffer per mode holding every t: (passes in a batch, T * n, H, W). The flipped passes are summed in their
-    # own slot and un-flipped once at the end, instead of once per pass.
-    acc: dict[str, torch.Tensor] = {}
     psam_keep = None
-    passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per scale: PSAM, probabilities, ASAM
-    for scale in scales:
-        cls_in, fcn_in = inference_inputs(image, float(scale), cell_size)
+    # per scale, in the order of `scales`: (PSAM or None, probabilities (P, n, h, w), ASAM or None)
+    passes: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None] = [None] * len(scales)
+    # largest scale first: its forward, the peak of the call, then runs with no other pass held
+    for i in sorted(range(len(scales)), key=lambda i: -float(scales[i])):
+        cls_in, fcn_in = inference_inputs(image, float(scales[i]), cell_size)
         if flip:  # one forward for the pair of the same size
-            cls_in = torch.cat([cls_in, cls_in.flip(-1)])
             fcn_in = torch.cat([fcn_in, fcn_in.flip(-1)])
-        if cam_path:
-            logits = model(cls_in)
-            q = None
-        else:
-            q = fcn(fcn_in).float()
-            logits = model(cls_in, q)
+        q = None if cam_path else fcn(fcn_in).float()
+        del fcn_in
+        if flip:
+            cls_in = torch.cat([cls_in, cls_in.flip(-1)])
+        logits = model(cls_in) if cam_path else model(cls_in, q)
+        del cls_in
         if logits.shape[1] != labels.numel() + 1:
             raise ValueError(
                 f"the model predicts {logits.shape[1]} channels but the dataset has {labels.numel()} classes + background"
             )
         prob = torch.softmax(logits.float(), dim=1).index_select(1, classes)  # (P, n, h, w)
+        del logits
         if cam_path:
-            _add(acc, "bilinear", F.interpolate(prob, size=fuse_size, mode="bilinear", align_corners=False))
+            passes[i] = (None, prob, None)
             continue
-        if keep_psam and psam_keep is None and float(scale) == 1.0:
-            psam_keep = q[:1].cpu()
-        passes.append((q, prob, asam(q, cell_size=cell_size, renormalize=renormalize_asam)))
+        if keep_psam and psam_keep is None and float(scales[i]) == 1.0:
+            psam_keep = q[:1].to("cpu", copy=True)
+        passes[i] = (q, prob, asam(q, cell_size=cell_size, renormalize=renormalize_asam))
 
-    if passes:
+    # One buffer per mode holding every t: (passes in a batch, T * n, H, W). The flipped passes are summed in their
+    # own slot and un-flipped once at the end, instead of once per pass.
+    acc: dict[str, torch.Tensor] = {}
+    if cam_path:
+        for _, prob, _ in passes:
+            _add(acc, "bilinear", F.interpolate(prob, size=fuse_size, mode="bilinear", align_corners=False))
+    else:
         walked = _walk_passes([p for _, p, _ in passes], [a for _, _, a in passes], ts)
-        for (q, _, _), g in zip(passes, walked, strict=True):  # g: (P, T * n, h, w), every t in one upsampling
+        for j, ((q, _, _), g) in enumerate(zip(passes, walked, strict=True)):  # g: (P, T * n, h, w), every t at once
+            passes[j] = walked[j] = None  # the pass's PSAM goes as soon as it is fused
             for mode in modes:
                 if mode == "psam":
                     up = psam_upsample(g, q, cell_size=cell_size)
@@ -192,17 +262,32 @@ def infer_present(
                 else:
                     up = F.interpolate(g, size=fuse_size, mode="bilinear", align_corners=False)
                 _add(acc, mode, up)
+                del up
+        del walked, q, g
+    del passes
 
     scores = {}
-    for mode, buf in acc.items():
+    for mode in modes:
+        buf = acc.pop(mode)
         fused = buf[0] + buf[1].flip(-1) if buf.shape[0] > 1 else buf[0]  # (T * n, H, W), summed over the passes
-        cam = _normalise(fused)  # absent classes are not in the buffer: the tag mask is implicit
+        del buf
+        cam = _normalise_(fused)  # absent classes are not in the buffer: the tag mask is implicit
         if tuple(cam.shape[-2:]) != size:
             cam = F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0]
+        del fused
         cam = cam.cpu().view(len(ts), n, *size)
         for i, t in enumerate(ts):
             scores[(mode, t)] = cam[i]
     return FusedScores(classes.cpu(), scores, size, psam_keep)
+
+
+def _normalise_(fused: torch.Tensor) -> torch.Tensor:
+    """PuzzleCAM ``make_cam`` per channel, in place: (..., n, H, W) -> ``fused``, max of each channel just below 1.
+
+    ``ReLU(F - eps) / (max ReLU(F) + eps)``, the same operations on every element as the out-of-place form.
+    """
+    peak = fused.amax(dim=(-2, -1), keepdim=True).clamp_min_(0)  # = max ReLU(F): ReLU is monotonic
+    return fused.sub_(NORM_EPS).relu_().div_(peak + NORM_EPS)
 
 
 def _walk_passes(probs: list[torch.Tensor], asams: list[torch.Tensor], ts: list[int]) -> list[torch.Tensor]:

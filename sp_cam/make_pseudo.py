@@ -18,13 +18,18 @@ Two phases, both resumable:
 
 The per-image scores files are :mod:`sp_cam.score_store`'s format. The labels and their confusion matrices are both
 computed from the float16-rounded scores, so the PNGs match the reported mIoU exactly.
+
+``DONE`` records the inputs (:func:`sp_cam.stage_guard.pseudo_inputs`). A re-run whose scores would differ (other
+weights, dataset, split list, score settings) is refused with one line naming what changed (``--force`` removes every
+output of the stage first); one with other selection settings only (``pseudo.select``, ``t``, ``th``,
+``ignore_band``, ``save_scores``, ``eval.absent``) re-selects from the stored scores and rewrites the labels. Each
+scores file carries the signature of what it was computed from (settings, weights, dataset folder): one that is
+missing, damaged or of another signature is recomputed.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -40,6 +45,7 @@ from data.classes import IGNORE_INDEX
 from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config, PseudoConfig, load_config
+from sp_cam.guard import LOCK_FILE, check_done, shard_lock_name, write_done
 from sp_cam.inference import (
     UPSAMPLE_MODES,
     best_pair,
@@ -47,11 +53,12 @@ from sp_cam.inference import (
     infer_present,
     labels_from_present,
     majority_labels,
+    resize_to_max_side,
     superpixel_ids,
 )
-from sp_cam.io import atomic_write_json, atomic_write_text, write_label_png
+from sp_cam.io import atomic_write_json, write_label_png
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
-from sp_cam.models import Stage3Models, fcn_weights_path, load_stage3_models
+from sp_cam.models import Stage3Models, load_stage3_models
 from sp_cam.paths import LabelOutputs, RunPaths
 from sp_cam.score_store import (
     TH_DECIMALS,
@@ -63,11 +70,9 @@ from sp_cam.score_store import (
     t_values,
     th_values,
 )
+from sp_cam.stage_guard import PSEUDO_FOLLOWS, PSEUDO_RELABEL, claim, pseudo_inputs
 
 log = logging.getLogger("spcam.make_pseudo")
-
-FINGERPRINT_BYTES = 1 << 20  # bytes hashed at each end of a weights file
-
 
 # ----------------------------------------------------------------------------------------------------------- phase 1
 
@@ -97,7 +102,7 @@ def process_image(
     image = item["image"][None]
     res = infer_present(
         models.spcam, models.fcn, image, label, pcfg.scales, pcfg.flip, ts, modes, pcfg.renormalize_asam, cell_size,
-        keep_psam=extras,
+        keep_psam=extras, max_side=pcfg.max_side,
     )  # fmt: skip
     # Round once: the stored scores, the PNG labels and the confusion matrices all come from the float16 values.
     rounded = {k: v.half() for k, v in res.scores.items()}
@@ -119,8 +124,9 @@ def process_image(
         return out
     if models.cam is not None:
         cam = infer_present(
-            models.cam, None, image, label, pcfg.scales, pcfg.flip, [0], ("bilinear",), cell_size=cell_size
-        )
+            models.cam, None, image, label, pcfg.scales, pcfg.flip, [0], ("bilinear",), cell_size=cell_size,
+            max_side=pcfg.max_side,
+        )  # fmt: skip
         out["conf_cam"] = _confusions(cam.scores[("bilinear", 0)].half().float(), cam.classes, mask, ths, num)
     size = res.size
     grid = majority_labels(grid_ids(size, cell_size), mask, num)
@@ -130,63 +136,42 @@ def process_image(
         from data.transforms import inference_inputs
 
         with torch.no_grad():
-            _, fcn_in = inference_inputs(image, 1.0, cell_size)
+            _, fcn_in = inference_inputs(resize_to_max_side(image, pcfg.max_side), 1.0, cell_size)
             q = models.fcn(fcn_in.to(next(models.fcn.parameters()).device)).float().cpu()
     sp = majority_labels(superpixel_ids(q, size, cell_size), mask, num)
     out["conf_sp_ub"] = confusion_matrix(sp, mask, num)
     return out
 
 
-def file_fingerprint(path: Path) -> str:
-    """Size plus a SHA-1 of the first and last MiB: tells retrained weights apart without reading whole files."""
-    size = path.stat().st_size
-    digest = hashlib.sha1()
-    with path.open("rb") as f:
-        digest.update(f.read(FINGERPRINT_BYTES))
-        if size > FINGERPRINT_BYTES:
-            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            digest.update(f.read(FINGERPRINT_BYTES))
-    return f"{size}:{digest.hexdigest()}"
-
-
-def weights_fingerprint(cfg: Config) -> dict[str, str]:
-    """Fingerprints of the weights stage 3 uses (SP-CAM, FCN and, if present, the baseline CAM)."""
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    files = {"spcam": RunPaths.model(paths.spcam), "cam": RunPaths.model(paths.cam)}
-    out = {k: file_fingerprint(p) for k, p in files.items() if p.is_file()}
-    try:
-        out["fcn"] = file_fingerprint(fcn_weights_path(cfg))
-    except FileNotFoundError:
-        pass  # reported by load_stage3_models when the scores are computed
-    return out
-
-
-def score_signature(cfg: Config) -> str:
-    """The settings and weights the stored scores depend on; a scores file made otherwise is recomputed."""
-    pcfg = cfg.pseudo
+def score_signature(inputs: dict[str, Any]) -> str:
+    """What a stored scores file depends on (from the stage's inputs, :func:`sp_cam.stage_guard.pseudo_inputs`): the
+    score settings, the weights and the dataset folder, not the split list; a scores file made otherwise is
+    recomputed."""
+    config = inputs["config"]
     return json.dumps(
         {
-            "weights": weights_fingerprint(cfg),
-            "scales": [float(s) for s in pcfg.scales],
-            "flip": pcfg.flip,
-            "t_list": t_values(pcfg),
-            "th_list": th_values(pcfg),
-            "upsample": pcfg.upsample,
-            "renormalize_asam": pcfg.renormalize_asam,
-            "cell_size": cfg.fcn.cell_size,
+            **config["scores"],
+            "weights": inputs["upstream"],
+            "data": {"dataset": config["data"]["dataset"], "root": inputs["data"]["pseudo"]["root"]},
         },
         sort_keys=True,
     )
 
 
 def compute_scores(
-    cfg: Config, layout, ids: Sequence[str], device: torch.device, out: LabelOutputs, progress: bool = True
+    cfg: Config,
+    layout,
+    ids: Sequence[str],
+    device: torch.device,
+    out: LabelOutputs,
+    signature: str,
+    progress: bool = True,
 ) -> int:
-    """Phase 1 for ``ids`` (one shard): write every missing scores file. Returns the number computed."""
+    """Phase 1 for ``ids`` (one shard): write every scores file that is missing, damaged or of another ``signature``.
+    Returns the number computed."""
     from data.datasets import EvalDataset
 
     pcfg = cfg.pseudo
-    signature = score_signature(cfg)
     todo = [i for i in ids if not has_signature(out.scores_file(i), signature)]
     log.info("scores: %d of %d images of this shard to compute", len(todo), len(ids))
     if not todo:
@@ -288,16 +273,6 @@ def write_outputs(
             save_cam(maps, arrays["scores"][k].astype(np.float32), arrays["classes"], dtype="float16")
 
 
-def _selection_key(cfg: Config) -> dict[str, Any]:
-    """What the labels depend on: a change re-selects and rewrites them (and recomputes stale scores)."""
-    return {
-        "split": cfg.data.pseudo_split,
-        "pseudo": dataclasses.asdict(cfg.pseudo),
-        "absent": cfg.eval.absent,
-        "weights": weights_fingerprint(cfg),
-    }
-
-
 def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float, out: LabelOutputs) -> IoUResult:
     """mIoU of one (t, th) pair from the stored scores and the GT masks (a pair outside the stored sweep)."""
     from sp_cam.open_data import open_dataset
@@ -314,9 +289,16 @@ def score_pair(cfg: Config, ids: Sequence[str], t: int, th: float, out: LabelOut
 
 
 def finalize(
-    cfg: Config, ids: Sequence[str], out: LabelOutputs, write_ids: Sequence[str] | None = None
+    cfg: Config,
+    ids: Sequence[str],
+    out: LabelOutputs,
+    inputs: dict[str, Any],
+    write_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Phase 2: sweep, selection, ``sweep.json``/``selection.json``, and the PNGs of ``write_ids`` (default all)."""
+    """Phase 2: sweep, selection, ``sweep.json``/``selection.json``, and the PNGs of ``write_ids`` (default all).
+
+    The selection records the stage's ``inputs``; labels of a selection made from other inputs are removed first.
+    """
     pcfg = cfg.pseudo
     results, num_gt = sweep(cfg, ids, out)
     choice = select_pair(cfg, results)
@@ -331,7 +313,7 @@ def finalize(
         "upsample": pcfg.upsample,
         "ignore_band": pcfg.ignore_band,
         "absent": cfg.eval.absent,
-        "config": _selection_key(cfg),
+        "config": json.loads(json.dumps(inputs)),
     }
     sweep_record = {
         "split": cfg.data.pseudo_split,
@@ -368,12 +350,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_done(cfg: Config, out: LabelOutputs) -> bool:
-    """The DONE marker exists and was written for the current split and ``pseudo`` settings."""
-    done = _read_json(out.done)
-    return done is not None and done.get("config") == _selection_key(cfg)
-
-
 def seg_label_config(cfg: Config, selection: dict[str, Any]) -> Config:
     """The config of the pass that labels ``seg.train_split``: the (t, th) selected on ``data.pseudo_split``."""
     derived = copy.deepcopy(cfg)
@@ -384,41 +360,51 @@ def seg_label_config(cfg: Config, selection: dict[str, Any]) -> Config:
     return derived
 
 
-def label_pass(cfg: Config, out: LabelOutputs, shard: tuple[int, int] | None) -> dict[str, Any]:
-    """Scores and labels of ``data.pseudo_split`` into ``out`` (resumable, sharded); the selection record or {}."""
-    from sp_cam.open_data import open_dataset
+def label_pass(
+    cfg: Config,
+    layout,
+    inputs: dict[str, Any],
+    out: LabelOutputs,
+    shard: tuple[int, int] | None,
+    recompute: Sequence[str],
+) -> dict[str, Any]:
+    """Scores and labels of ``data.pseudo_split`` into ``out`` (resumable, sharded); the selection record or {}.
 
+    Args:
+        inputs: what the outputs are computed from (:func:`sp_cam.stage_guard.pseudo_inputs`), checked against
+            ``DONE``; a change under ``recompute`` brings the outputs up to date, any other is an error.
+    """
     info, device = dist_utils.init_distributed(cfg.run.device)
-    if is_done(cfg, out):
+    if check_done(out.done, inputs, stage="pseudo", recompute=recompute):
         log.info("pseudo labels of %r already written (%s)", cfg.data.pseudo_split, out.done)
         return _read_json(out.selection) or {}
     rank, world = shard if shard is not None else (info.rank, info.world_size)
-    layout = open_dataset(cfg)
     ids = layout.ids(cfg.data.pseudo_split)
     mine = dist_utils.shard(ids, rank, world)
-    compute_scores(cfg, layout, mine, device, out, progress=rank == 0)
+    signature = score_signature(inputs)
+    compute_scores(cfg, layout, mine, device, out, signature, progress=rank == 0)
     record: dict[str, Any] = {}
     if info.distributed:
         dist_utils.barrier()
         if info.is_main:
-            record = finalize(cfg, ids, out, write_ids=[])
+            record = finalize(cfg, ids, out, inputs, write_ids=[])
         dist_utils.barrier()
         record = _read_json(out.selection) or {}
         write_outputs(cfg, mine, record, out, progress=info.is_main)
         dist_utils.barrier()
     else:
-        missing = [i for i in ids if not out.scores_file(i).is_file()]
+        missing = [i for i in ids if not has_signature(out.scores_file(i), signature)]
         if missing:
             log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
             return {}
-        record = finalize(cfg, ids, out)
-    if rank == 0 or not info.distributed:
-        atomic_write_text(out.done, json.dumps({**record, "finished": time.time()}) + "\n")
+        record = finalize(cfg, ids, out, inputs)
+    if info.is_main:
+        write_done(out.done, inputs, {k: v for k, v in record.items() if k != "config"})
         log.info("pseudo labels: %s (%d images)", out.labels, len(ids))
     return record
 
 
-def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) -> dict[str, Any]:
     """Pseudo labels for ``cfg.data.pseudo_split``, then (stage 4 enabled, ``seg.train_split`` another split) the
     labels stage 4 trains on, at the (t, th) selected on the first.
 
@@ -426,32 +412,51 @@ def run(cfg: Config, shard: tuple[int, int] | None = None) -> dict[str, Any]:
         shard: (i, n) to process only ids ``i::n`` (processes launched by hand); default: the torchrun rank and world
             size (a single process without torchrun). Without a process group the shard that finds every scores file
             present finishes phase 2.
+        force: remove every output of stage 3 first (not with ``shard``: it would remove the other shards' files).
     Returns:
         The selection record (``t``, ``th``, ``select``, ``miou`` ...), or {} for a shard that left phase 2 to others.
+    Raises:
+        StaleOutputError: ``DONE`` was written for other scores (other weights, dataset, split list or score settings;
+            other selection settings only re-select and relabel).
     """
+    from sp_cam.open_data import open_dataset
     from sp_cam.runtime import configure_threads, setup_logging
 
-    info, _ = dist_utils.init_distributed(cfg.run.device)
+    info, device = dist_utils.init_distributed(cfg.run.device)
     configure_threads(cfg.run.num_threads)
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
     setup_logging(cfg.run.log_level, paths.pseudo_log, rank=info.rank)
-    record = label_pass(cfg, paths.pseudo_outputs, shard)
-    g = cfg.seg
-    if record and g.enabled and g.train_split and g.train_split != cfg.data.pseudo_split:
-        log.info("stage 3: labels of seg.train_split=%r at t=%d th=%g (chosen on %r)", g.train_split, record["t"],
-                 record["th"], cfg.data.pseudo_split)  # fmt: skip
-        label_pass(seg_label_config(cfg, record), paths.seg_label_outputs, shard)
+    if force and shard is not None:
+        raise ValueError("--force with --shard would remove the other shards' scores: run --force without --shard")
+    layout = dist_utils.main_first(lambda: open_dataset(cfg))
+    inputs = pseudo_inputs(cfg, layout)
+    out, seg_out = paths.pseudo_outputs, paths.seg_label_outputs
+    folders = [*out.folders, *seg_out.folders]
+    by_hand = shard is not None
+    lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
+    clean = [] if by_hand else folders  # another shard's temporary file may be one being written
+    with claim(cfg, paths.pseudo, "pseudo labels", info.is_main or by_hand, lock_name, folders if force else [], clean,
+               device):  # fmt: skip
+        record = label_pass(cfg, layout, inputs, out, shard, PSEUDO_RELABEL)
+        g = cfg.seg
+        if record and g.enabled and g.train_split and g.train_split != cfg.data.pseudo_split:
+            log.info("stage 3: labels of seg.train_split=%r at t=%d th=%g (chosen on %r)", g.train_split, record["t"],
+                     record["th"], cfg.data.pseudo_split)  # fmt: skip
+            derived = seg_label_config(cfg, record)
+            weights = {**inputs["upstream"], "cam": None}  # no ablation on this pass
+            label_pass(derived, layout, pseudo_inputs(derived, layout, weights), seg_out, shard, PSEUDO_FOLLOWS)
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser(__doc__, config_required=True)
     parser.add_argument("--shard", type=str, default="", help="i/n: process only the ids i::n (0-based i)")
+    parser.add_argument("--force", action="store_true", help="remove every output of stage 3 and make it afresh")
     args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
-        run(cfg, dist_utils.parse_shard(args.shard) if args.shard else None)
+        run(cfg, dist_utils.parse_shard(args.shard) if args.shard else None, force=args.force)
 
     return cli.run_command(body)
 

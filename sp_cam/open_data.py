@@ -24,10 +24,7 @@ def _saliency_from_config(setting: str, default: Path | None, explicit_default: 
     if setting.strip().lower() == "none":
         return None
     if setting.strip():
-        path = Path(setting).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"saliency folder not found: {path} (data.saliency_dir)")
-        return path
+        return _folder(Path(setting).expanduser(), "saliency folder", "data.saliency_dir")
     if default is None:
         return None
     if default.is_dir():
@@ -38,12 +35,18 @@ def _saliency_from_config(setting: str, default: Path | None, explicit_default: 
     return None
 
 
+def _folder(path: Path, what: str, key: str) -> Path:
+    """``path``, which must be an existing folder (one line naming it and ``key`` otherwise)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a folder ({key})")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path} ({key})")
+    return path
+
+
 def _existing_root(root_setting: str, default: Callable[[], Path]) -> Path:
     """``data.root`` when set, else ``default()`` (the dataset_root.py location); it must be a folder."""
-    root = Path(root_setting).expanduser() if root_setting else default()
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset root not found: {root} (data.root)")
-    return root
+    return _folder(Path(root_setting).expanduser() if root_setting else default(), "dataset root", "data.root")
 
 
 def _folder_needs_root() -> Path:
@@ -62,6 +65,10 @@ def open_dataset(cfg: Config) -> VOCLayout:
     root_setting = cfg.data.root.strip()
     if name == "toy":
         root = Path(root_setting).expanduser() if root_setting else RunPaths.from_work_dir(cfg.run.work_dir).toy_data
+        if root.exists() and not root.is_dir():  # generated on first use: only a file in the way is an error
+            raise ValueError(
+                f"{root} is not a folder ({'data.root' if root_setting else 'the toy set of run.work_dir'})"
+            )
         t = cfg.toy
         make_toy_dataset(root, num_train=t.num_train, num_val=t.num_val, image_size=t.image_size, seed=t.seed)
         sal = _saliency_from_config(cfg.data.saliency_dir, root / SALIENCY_DIR, explicit_default=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.ids import path_inside
+
 TRAINING_STAGES = ("cam", "fcn", "spcam", "seg", "seg_gt")  # stage folders written by the training engine
 VOC_TEST_RESULTS = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"  # the VOC evaluation server layout
 
@@ -22,13 +24,18 @@ class LabelOutputs:
     done: Path
 
     def scores_file(self, image_id: str) -> Path:
-        return self.scores / f"{image_id}.npz"
+        return path_inside(self.scores, image_id, ".npz")
 
     def label(self, image_id: str) -> Path:
-        return self.labels / f"{image_id}.png"
+        return path_inside(self.labels, image_id, ".png")
 
     def score_map(self, image_id: str) -> Path:
-        return self.score_maps / f"{image_id}.npz"
+        return path_inside(self.score_maps, image_id, ".npz")
+
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """Every folder the pass writes (the selection, sweep and DONE sit in the folder of the scores)."""
+        return (self.scores.parent, self.scores, self.score_maps, self.labels)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,12 @@ class RunPaths:
         return self.root / "cams"
 
     def cam_file(self, image_id: str) -> Path:
-        return self.cams / f"{image_id}.npz"
+        return path_inside(self.cams, image_id, ".npz")
+
+    @staticmethod
+    def started(stage_dir: Path) -> Path:
+        """The inputs a stage with per-file outputs (step B) records before it writes the first of them."""
+        return stage_dir / "STARTED"
 
     @property
     def export_log(self) -> Path:
@@ -223,19 +235,31 @@ class RunPaths:
     @staticmethod
     def seg_scores(stage_dir: Path, split: str) -> Path:
         """Per-image confusion matrices of every inference mode (``<id>.npz``), for resuming the evaluation."""
-        return stage_dir / "eval" / split
+        return path_inside(stage_dir / "eval", split)
+
+    @staticmethod
+    def seg_score_file(stage_dir: Path, split: str, image_id: str) -> Path:
+        return path_inside(RunPaths.seg_scores(stage_dir, split), image_id, ".npz")
 
     @staticmethod
     def seg_predictions(stage_dir: Path, split: str) -> Path:
         """Predicted label PNGs (``<id>.png``) of the final inference mode."""
-        return stage_dir / "predictions" / split
+        return path_inside(stage_dir / "predictions", split)
+
+    @staticmethod
+    def seg_prediction(stage_dir: Path, split: str, image_id: str) -> Path:
+        return path_inside(RunPaths.seg_predictions(stage_dir, split), image_id, ".png")
 
     @staticmethod
     def seg_summary(stage_dir: Path, split: str) -> Path:
         """mIoU of every inference mode on ``split`` (JSON); written last, so it closes the evaluation."""
-        return stage_dir / f"eval_{split}.json"
+        return path_inside(stage_dir, f"eval_{split}", ".json")
 
     @staticmethod
     def voc_test_results(stage_dir: Path) -> Path:
         """The folder of PNGs to upload to the VOC evaluation server."""
         return stage_dir / VOC_TEST_RESULTS
+
+    @staticmethod
+    def voc_test_result(stage_dir: Path, image_id: str) -> Path:
+        return path_inside(RunPaths.voc_test_results(stage_dir), image_id, ".png")

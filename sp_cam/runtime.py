@@ -6,12 +6,14 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sp_cam.guard import changed_keys
 from sp_cam.io import cannot_write
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -160,24 +162,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def restore_model_and_optimizer(
     ckpt: dict[str, Any],
     path: Path,
-    now: dict[str, dict[str, Any]],
-    sections: tuple[str, ...],
+    inputs: Mapping[str, Any],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    stage: str,
+    allow_change: bool = False,
 ) -> None:
-    """Load ``ckpt["model"]`` and ``ckpt["optimizer"]`` for a resumed run, warning about config changes.
+    """Load ``ckpt["model"]`` and ``ckpt["optimizer"]`` for a resumed run, refusing one whose inputs changed.
 
     Args:
-        now: the running config as a dict (``config_to_dict``), compared with ``ckpt["config"]`` in ``sections``.
+        inputs: what the stage computes from now (:mod:`sp_cam.stage_guard`), compared with ``ckpt["inputs"]``; for a
+            checkpoint of an older version, without them, ``inputs["config"]`` is compared with ``ckpt["config"]``.
+        stage: the stage's name, for the message.
+        allow_change: ``run.allow_config_change``: resume anyway, with a warning.
     Raises:
-        ValueError naming ``path`` when the weights or optimizer state do not fit.
+        ValueError naming ``path``: the inputs changed (``"<path>: resuming <stage> with other inputs than it was
+        started with (key: old -> new; ...); set run.allow_config_change=true to resume anyway, or start afresh with a
+        new run.work_dir or --force <stage>"``), or the weights or optimizer state do not fit.
     """
-    saved = ckpt.get("config", {})
-    changed = [f"{s}.{k}" for s in sections for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    saved = ckpt.get("inputs")
+    if isinstance(saved, Mapping):
+        changed = changed_keys(saved, inputs)
+    else:
+        now = inputs.get("config", {})
+        old = ckpt.get("config", {})
+        saved_config = {s: {k: old.get(s, {}).get(k) for k in keys} for s, keys in now.items()}
+        changed = [f"config.{c}" for c in changed_keys(saved_config, now)]
+    if changed and not allow_change:
+        raise ValueError(
+            f"{path}: resuming {stage} with other inputs than it was started with ({'; '.join(changed)}); set "
+            f"run.allow_config_change=true to resume anyway, or start afresh with a new run.work_dir or --force {stage}"
+        )
     if changed:
         logging.getLogger(__name__).warning(
-            "resuming with a config that differs from the checkpoint's in %s", ", ".join(changed)
-        )
+            "%s: resuming with other inputs than the checkpoint's (run.allow_config_change=true): %s",
+            path, "; ".join(changed),
+        )  # fmt: skip
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

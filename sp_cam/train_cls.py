@@ -12,6 +12,7 @@ checkpoints, resume, DDP, AMP and selection are :mod:`sp_cam.engine`'s.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,10 @@ from sp_cam.models import (
     fcn_weights_path,
     load_frozen_fcn,
 )
-from sp_cam.open_data import open_dataset
 from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
+from sp_cam.stage_guard import classifier_inputs
 
 log = logging.getLogger("sp_cam.train_cls")
 
@@ -312,18 +313,23 @@ def _eval_dataset(layout: VOCLayout, cfg: Config, ccfg: ClassifierConfig, sectio
     return dataset
 
 
-def run(cfg: Config, model_type: str) -> Path:
+def run(cfg: Config, model_type: str, force: bool = False) -> Path:
     """Train the ``model_type`` classifier ("cam" = stage A, "spcam" = stage 2); returns the final weights' path.
 
     Works in a single process and under torchrun (one process per GPU / CPU slot). Skips the stage when its
-    ``DONE`` marker exists; resumes from ``last.pt`` when present.
+    ``DONE`` marker was written for the same inputs (an error when for others); resumes from ``last.pt`` when present.
+    ``force`` removes the stage's outputs first.
     """
     ccfg = classifier_config(cfg, model_type)
-    stage = engine.open_stage(cfg, model_type, model_type)
-    if stage is None:
-        return RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).stage(model_type))
-    device = stage.device
-    layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
+    inputs = partial(classifier_inputs, cfg, model_type)
+    with engine.open_stage(cfg, model_type, model_type, inputs, force=force) as stage:
+        if stage is None:
+            return RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).stage(model_type))
+        return _train(cfg, model_type, ccfg, stage)
+
+
+def _train(cfg: Config, model_type: str, ccfg: ClassifierConfig, stage: engine.Stage) -> Path:
+    device, layout = stage.device, stage.layout
     cell = cfg.fcn.cell_size
     if model_type == "spcam" and cfg.data.crop_size % cell:
         raise ConfigError(f"data.crop_size={cfg.data.crop_size} must be a multiple of fcn.cell_size={cell} for SP-CAM")
@@ -366,13 +372,14 @@ def run(cfg: Config, model_type: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("model_type", type=str, choices=CLASSIFIER_TYPES, help="cam (stage A) or spcam (stage 2)")
+    parser.add_argument("--force", action="store_true", help="remove the stage's outputs and train it afresh")
     args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
         sdir = RunPaths.from_work_dir(cfg.run.work_dir).stage(args.model_type)
         setup_logging(cfg.run.log_level, RunPaths.train_log(sdir))
-        run(cfg, args.model_type)
+        run(cfg, args.model_type, force=args.force)
 
     return cli.run_command(body, diverged=(TrainingDivergedError,))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,12 @@ from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import load_cam
 from sp_cam.config import Config, ConfigError, FCNConfig, load_config
 from sp_cam.engine import Selection, TrainingDivergedError
+from sp_cam.io import DamagedFileError
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import build_fcn, fcn_payload
-from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
+from sp_cam.stage_guard import fcn_inputs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,19 @@ class CamLoader:
     num_classes: int
 
     def __call__(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
-        return load_cam(self.paths.cam_file(image_id), self.num_classes, expect_size=size)
+        return read_cam(self.paths, image_id, self.num_classes, size)
+
+
+def read_cam(paths: RunPaths, image_id: str, num_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """The step-B CAMs of one image; a damaged file is one line naming it and saying how to redo it."""
+    path = paths.cam_file(image_id)
+    try:
+        return load_cam(path, num_classes, expect_size=size)
+    except DamagedFileError as e:
+        raise DamagedFileError(
+            f"{e}; remove {RunPaths.done(paths.cams)} and re-run step B (python -m sp_cam.export_cams): it redoes "
+            f"the missing and damaged CAM files"
+        ) from None
 
 
 def check_cams(paths: RunPaths, ids: list[str], layout: Any) -> None:
@@ -97,7 +111,7 @@ def check_cams(paths: RunPaths, ids: list[str], layout: Any) -> None:
             f"{len(missing)} of {len(ids)} CAM files missing in {cam_dir}, e.g. {paths.cam_file(missing[0])}"
         )
     if ids:
-        load_cam(paths.cam_file(ids[0]), layout.num_classes, expect_size=layout.image_size(ids[0]))
+        read_cam(paths, ids[0], layout.num_classes, layout.image_size(ids[0]))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -272,19 +286,23 @@ class FCNTask(engine.Task):
         return fcn_payload(weights, self.cfg, metric, self.mode, self.num_classes)
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, force: bool = False) -> Path:
     """Train the superpixel FCN; returns the final weights' path (``RunPaths.model(paths.fcn)``).
 
-    Works in a single process and under torchrun. Skips the stage when its ``DONE`` marker exists; resumes from
-    ``last.pt`` when present.
+    Works in a single process and under torchrun. Skips the stage when its ``DONE`` marker was written for the same
+    inputs (an error when for others); resumes from ``last.pt`` when present. ``force`` removes the stage's outputs
+    first.
     """
-    fcfg = cfg.fcn
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    stage = engine.open_stage(cfg, "fcn", "stage 1")
-    if stage is None:
-        return RunPaths.model(paths.fcn)
-    info, device = stage.info, stage.device
-    layout = dist_utils.main_first(lambda: open_dataset(cfg))  # a toy set is generated once, by rank 0
+    with engine.open_stage(cfg, "fcn", "stage 1", partial(fcn_inputs, cfg), force=force) as stage:
+        if stage is None:
+            return RunPaths.model(paths.fcn)
+        return _train(cfg, paths, stage)
+
+
+def _train(cfg: Config, paths: RunPaths, stage: engine.Stage) -> Path:
+    fcfg = cfg.fcn
+    info, device, layout = stage.info, stage.device, stage.layout
     num_classes = layout.num_classes
     mode, why = choose_mode(fcfg, layout.has_saliency)
     log.info("stage 1: loss mode %s (%s)", mode, why)
@@ -331,8 +349,8 @@ def run(cfg: Config) -> Path:
     schedule = engine.Schedule(
         epochs=fcfg.epochs,
         batch_size=batch_size,
-        eval_every=1,
-        eval_initial=eval_set is not None,
+        eval_every=fcfg.val_every,
+        eval_initial=eval_set is not None and fcfg.val_every > 0,
         select=fcfg.select,
         shuffle=fcfg.shuffle,
         log_every=fcfg.log_every,
@@ -347,12 +365,14 @@ def run(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(cli.stage_parser(__doc__), argv)
+    parser = cli.stage_parser(__doc__)
+    parser.add_argument("--force", action="store_true", help="remove the stage's outputs and train it afresh")
+    args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
         setup_logging(cfg.run.log_level, RunPaths.train_log(RunPaths.from_work_dir(cfg.run.work_dir).fcn))
-        run(cfg)
+        run(cfg, force=args.force)
 
     return cli.run_command(body, diverged=(TrainingDivergedError,))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.classes import IGNORE_INDEX
+from data.ids import path_inside
 from data.label_png import read_label_png
 from data.segmentation import SegTrainDataset
 from data.transforms import to_tensor_image
@@ -41,11 +43,11 @@ from sp_cam.config import Config, ConfigError, load_config
 from sp_cam.engine import Selection, StepContext, TrainingDivergedError
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import GT_LABELS, build_segmenter, seg_payload, seg_stage_name
-from sp_cam.open_data import open_dataset
 from sp_cam.optim import sgd_poly
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
 from sp_cam.seg_inference import seg_probs
+from sp_cam.stage_guard import seg_inputs, seg_train_split
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 
 
 def train_split(cfg: Config) -> str:
-    return cfg.seg.train_split or cfg.data.pseudo_split
+    return seg_train_split(cfg)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class LabelFolder:
     folder: Path
 
     def path(self, image_id: str) -> Path:
-        return self.folder / f"{image_id}.png"
+        return path_inside(self.folder, image_id, ".png")
 
     def __call__(self, image_id: str) -> np.ndarray:
         return read_label_png(self.path(image_id))
@@ -134,7 +136,9 @@ def seg_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def evaluate(net: nn.Module, layout: VOCLayout, ids: list[str], absent: str) -> dict[str, Any] | None:
+def evaluate(
+    net: nn.Module, layout: VOCLayout, ids: list[str], absent: str, max_side: int = 0
+) -> dict[str, Any] | None:
     """Single-scale mIoU on the images of ``ids`` that have GT, sharded over the processes (call it on all)."""
     mine = dist_utils.shard(ids, dist_utils.get_rank(), dist_utils.get_world_size())
     num = layout.num_classes + 1
@@ -147,7 +151,7 @@ def evaluate(net: nn.Module, layout: VOCLayout, ids: list[str], absent: str) -> 
             mask = layout.load_mask(image_id)
             if mask is None:
                 continue
-            probs = seg_probs(net, to_tensor_image(layout.load_image(image_id))[None])
+            probs = seg_probs(net, to_tensor_image(layout.load_image(image_id))[None], max_side=max_side)
             conf += confusion_matrix(probs.argmax(0), mask, num)
             scored += 1
     finally:
@@ -180,7 +184,7 @@ class SegTask(engine.Task):
     def evaluate(self, net: nn.Module) -> dict[str, Any] | None:
         if not self.eval_ids:
             return None
-        return evaluate(net, self.layout, self.eval_ids, self.cfg.eval.absent)
+        return evaluate(net, self.layout, self.eval_ids, self.cfg.eval.absent, self.cfg.seg.max_side)
 
     def describe(self, result: dict[str, Any]) -> str:
         return f"{self.cfg.seg.eval_split} mIoU {result['miou']:.2f} (single scale, {result['images']} images)"
@@ -201,15 +205,23 @@ def _eval_ids(cfg: Config, layout: VOCLayout) -> list[str]:
     return ids
 
 
-def run(cfg: Config) -> Path:
-    """Train the segmentation network of ``seg.labels``; returns the final weights' path."""
-    g = cfg.seg
+def run(cfg: Config, force: bool = False) -> Path:
+    """Train the segmentation network of ``seg.labels``; returns the final weights' path.
+
+    Skips the stage when its ``DONE`` marker was written for the same inputs (an error when for others); ``force``
+    removes the stage's folder first (its evaluations too).
+    """
     name = seg_stage_name(cfg)
     label = "stage 4 (GT)" if name == "seg_gt" else "stage 4"
-    stage = engine.open_stage(cfg, name, label, section="seg")
-    if stage is None:
-        return RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).stage(name))
-    layout = dist_utils.main_first(lambda: open_dataset(cfg))
+    with engine.open_stage(cfg, name, label, partial(seg_inputs, cfg), section="seg", force=force) as stage:
+        if stage is None:
+            return RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).stage(name))
+        return _train(cfg, name, label, stage)
+
+
+def _train(cfg: Config, name: str, label: str, stage: engine.Stage) -> Path:
+    g = cfg.seg
+    layout = stage.layout
     ids = layout.ids(train_split(cfg))
     load_label, labels = label_source(cfg, layout)
     check_labels(layout, ids, load_label, progress=stage.is_main)
@@ -238,13 +250,15 @@ def run(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse_args(cli.stage_parser(__doc__), argv)
+    parser = cli.stage_parser(__doc__)
+    parser.add_argument("--force", action="store_true", help="remove the stage's outputs and train it afresh")
+    args = cli.parse_args(parser, argv)
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
         sdir = RunPaths.from_work_dir(cfg.run.work_dir).stage(seg_stage_name(cfg))
         setup_logging(cfg.run.log_level, RunPaths.train_log(sdir))
-        run(cfg)
+        run(cfg, force=args.force)
 
     return cli.run_command(body, diverged=(TrainingDivergedError,))
 

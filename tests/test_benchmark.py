@@ -36,6 +36,11 @@ def test_quick_run_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
         for form in ("fast", "reference")
     )
     assert report["pseudo"].get("images_per_s", 0) > 0, report["pseudo"]
+    # large images: peak memory per megapixel of stage 3 and 4, with and without max_side (the image 4x the pixels)
+    per_mp = report["large_peak_mib_per_mp"]
+    assert sorted(per_mp) == ["stage3", "stage3_max_side", "stage4", "stage4_max_side"]
+    assert all(v > 0 for v in per_mp.values())
+    assert per_mp["stage3_max_side"] < per_mp["stage3"] and per_mp["stage4_max_side"] < per_mp["stage4"]
     assert {t["key"] for t in report["targets"]} >= set(benchmark.TARGETS)
     printed = capsys.readouterr().out
     assert "| ops/pool/fast |" in printed and "QUICK" in printed
@@ -61,7 +66,10 @@ def test_summary_and_targets() -> None:
         "train/cam": {"median_s": 1.0},
         "train/spcam": {"median_s": 1.5},
     }
+    results |= {"large/stage3": {"peak_mib": 3000.0}, "large/stage4_max_side": {"peak_mib": 1200.0}}
     summary = benchmark.summarise(s, results, {"ops_max_abs_diff": {"pool": 1e-7, "asam": 3e-7}})
+    mp = s.large_size[0] * s.large_size[1] / 1e6
+    assert summary["large_peak_mib_per_mp"] == {"stage3": 3000.0 / mp, "stage4_max_side": 1200.0 / 12.0}
     assert summary["ops_speedup"] == 4.0 and summary["ops_max_abs_diff"] == 3e-7
     assert summary["postprocess_fraction"] == 0.2
     assert summary["rw_speedup_vs_pixel"] == 1000.0 and summary["spcam_step_ratio"] == 1.5

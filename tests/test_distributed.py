@@ -96,8 +96,9 @@ def test_two_process_stage1_equals_one_process_on_the_same_global_batch(tmp_path
     for ra, rb in zip(train_a, train_b, strict=True):  # losses are means over the processes
         for key in ("loss", "loss_sem", "loss_pos", "loss_press", "loss_diff", "ignored_cells"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
-    written = {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "model.pt", "DONE", "train.log"}
+    written = {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "model.pt", "DONE", "train.log", ".lock"}
     assert {p.name for p in dirs[1].iterdir()} == written  # one copy of each, no temporary file left
+    assert (dirs[1] / ".lock").read_text() == ""  # the stage lock of rank 0, released
 
 
 def test_every_global_batch_is_the_same_whatever_the_number_of_processes():

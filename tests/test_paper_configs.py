@@ -40,7 +40,12 @@ def published_checklist(cfg) -> dict[str, object]:
         "EPS": tuple((c.alpha, c.tau) for c in (cfg.cam, cfg.spcam)),
         "in-training evaluation": (cfg.spcam.eval_t, cfg.spcam.eval_th, cfg.spcam.select),
         "final evaluation": (cfg.pseudo.scales, cfg.pseudo.flip, cfg.pseudo.t_list, cfg.pseudo.th_list),
-        "stage-3 options": (cfg.pseudo.select, cfg.pseudo.renormalize_asam, cfg.pseudo.upsample, cfg.pseudo.ignore_band),
+        "stage-3 options": (
+            cfg.pseudo.select,
+            cfg.pseudo.renormalize_asam,
+            cfg.pseudo.upsample,
+            cfg.pseudo.ignore_band,
+        ),
         "CAM export": (cfg.export.scales, cfg.export.flip),
     }
 
@@ -78,7 +83,12 @@ def test_paper_config_is_the_published_setting(name):
     assert cfg.data.eval_split == ("train" if name == "voc12" else "train_1000")  # GT selection as published
     seg = cfg.seg
     assert (seg.backbone, seg.batch_size, seg.crop_size, seg.lr, seg.momentum, seg.weight_decay) == (
-        "resnet101", 10, 321, 2.5e-4, 0.9, 5e-4
+        "resnet101",
+        10,
+        321,
+        2.5e-4,
+        0.9,
+        5e-4,
     )
     assert (seg.head_lr_mult, seg.poly_power, seg.msc_scales, seg.eval_split) == (10.0, 0.9, [0.75, 0.5], "val")
     assert Path(seg.init).name == "deeplabv1_resnet101-coco.pth" and seg.gt_reference is False

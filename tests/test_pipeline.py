@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ TINY = [
     "pseudo.scales=[1.0,0.5]",
     "pseudo.t_list=[0,2]",
     "seg.backbone=tiny",
+    "seg.init=none",
     "seg.iterations=3",
     "seg.batch_size=2",
     "seg.crop_size=48",
@@ -57,7 +59,9 @@ TINY = [
 def train_all(work: Path, *extra: str, script: str = "train_all.sh") -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = ["bash", str(ROOT / "scripts" / script), "--work-dir", str(work), *TINY, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -119,7 +123,7 @@ def test_killed_run_resumes_to_the_same_metrics(full_run: Path, tmp_path: Path):
         assert proc.poll() is None, "the run ended before it could be interrupted"
         assert time.time() < deadline
         time.sleep(0.05)
-    proc.kill()  # the script exec()s the pipeline, so this is the python process itself
+    os.killpg(proc.pid, signal.SIGKILL)  # the script and the pipeline it runs, as a kill of the terminal would
     proc.communicate()
     assert not (work / "metrics.json").exists()  # killed before the end (usually inside stage 1)
     finish(train_all(work))

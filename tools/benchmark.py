@@ -21,6 +21,14 @@ Sections (``--sections``, all by default):
             the trainer's own loss code (:func:`sp_cam.train_cls.compute_loss`).
 ``pseudo``  images/s of the pseudo-label command (:func:`sp_cam.make_pseudo.main`) on a generated toy dataset, with
             randomly initialised models saved in the trainer's checkpoint format (includes model loading).
+``large``   peak memory per megapixel of one image's inference, stage 3 (:func:`sp_cam.inference.infer_present`: the
+            superpixel FCN and an SP-CAM classifier with the paper's DRM widths, 8 passes, t in {0, 20, 30, 40}, 2
+            present classes) and stage 4 (:func:`sp_cam.seg_inference.seg_probs`: DeepLab-V2, scales 0.5, 0.75, 1 with
+            flips): a ``--large-size`` image (768 x 1024) without ``max_side``, and a ``--large-image`` (3000 x 4000)
+            under ``--max-side`` (1024, which runs it at 768 x 1024 and upsamples the outputs). Stage 3 uses the
+            ``tiny`` backbone by default (``--large-backbone``): its peak is the FCN's forward of the 2x pass,
+            which no classifier backbone exceeds; stage 4 uses ResNet-101 (``--seg-backbone``), whose forward is its
+            peak. Each case runs once (in the memory child on CPU); the image tensor is part of the set-up.
 
 Timing: warm-up runs, then repeats; the median, the inter-quartile range and min/max are reported;
 ``torch.cuda.synchronize()`` brackets every run on CUDA. The cases compared with each other (fast vs reference, CAM vs
@@ -34,7 +42,8 @@ timed once, in that child.
 
 ``--quick`` (the test) shrinks everything (128 x 128 operators, a 64 x 96 image, the ``tiny`` backbone, 64 x 64 training
 crops, one toy image, one thread, 1-2 repeats) so that it finishes in about 15-30 s on 2 cores; its ratios are not the
-issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB).
+issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB),
+plus about 8 minutes and 3.1 GiB for ``large``.
 ``--json OUT`` writes every figure, the summary keys ``ops_speedup``, ``ops_max_abs_diff``, ``postprocess_fraction``,
 ``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``device`` and the targets of issue 6 with, for a missed one, the top
 operators of a ``torch.profiler`` run of the case that limits it.
@@ -76,7 +85,7 @@ from sp_cam.pixel_walk import PixelWalkConfig, pixel_random_walk
 log = logging.getLogger("spcam.benchmark")
 REPO_ROOT = Path(__file__).resolve().parents[1]  # child processes run `python -m ...` from here
 
-SECTIONS = ("ops", "stage3", "walk", "train", "pseudo")
+SECTIONS = ("ops", "stage3", "walk", "train", "pseudo", "large")
 CELL_SIZE = 16  # ref: superpixel grid cell in pixels
 NUM_CLASSES = 20  # VOC: K = 20 foreground classes, K + 1 = 21 channels
 PRESENT_CLASSES = 2  # foreground classes tagged on the stage-3 image (VOC train_aug averages about 1.5)
@@ -87,6 +96,10 @@ T_LIST = (0, 20, 30, 40)  # ref: walk steps swept at stage 3
 TH_LIST = (0.2, 0.3, 0.4)  # ref: background thresholds swept at stage 3
 WALK_STEPS = 20  # issue 6: the operators' walk
 PIXEL_STRIDE = 4  # IRN / AffinityNet: the pixel walk runs on the 1/4-resolution grid
+LARGE_IMAGE = (3000, 4000)  # issue: a 12-megapixel photo, as users' datasets have
+MAX_SIDE = 1024  # issue: the default pseudo.max_side / export.max_side / seg.max_side
+LARGE_SIZE = (768, 1024)  # LARGE_IMAGE at MAX_SIDE: the inference size, measured without max_side
+SEG_SCALES = (0.5, 0.75, 1.0)  # seg.test_scales (deeplab-pytorch), each with its flip
 TRAIN_CPU = (2, 256)  # issue 6: batch, crop size of the training step on CPU
 TRAIN_CUDA = (16, 512)  # issue 6: ... on CUDA
 TRAIN_LR = 1e-5  # the benchmark's steps run on random data: a small lr keeps the numbers finite (timing unaffected)
@@ -132,6 +145,12 @@ class BenchSettings:
     pseudo_images: int = 8
     pseudo_image_size: int = 160  # the toy dataset's default
     pseudo_backbone: str = "tiny"  # throughput of the command's machinery, not of a backbone (timed in stage3)
+    large_size: tuple[int, int] = LARGE_SIZE
+    large_image: tuple[int, int] = LARGE_IMAGE
+    max_side: int = MAX_SIDE
+    large_backbone: str = "tiny"  # stage 3's peak is the FCN's forward whatever the classifier (module docstring)
+    seg_backbone: str = "resnet101"  # seg.backbone
+    seg_scales: tuple[float, ...] = SEG_SCALES
     quick: bool = False
     memory: bool = True
     profile: bool = True
@@ -156,6 +175,10 @@ QUICK = {  # --quick: a smoke run of every section (the test), well under a minu
     "heavy_repeats": 1,
     "pseudo_images": 1,
     "pseudo_image_size": 64,
+    "large_size": (48, 64),
+    "large_image": (96, 128),
+    "max_side": 64,
+    "seg_backbone": "tiny",
     "profile": False,
     "threads": 1,  # one thread: two-thread OpenMP regions stall badly on a loaded 2-core machine
 }
@@ -421,6 +444,33 @@ def pixel_walk(s: BenchSettings, device: torch.device, method: str) -> Callable[
     return _no_grad(lambda: pixel_random_walk(cam, edge, cfg, method))
 
 
+def large_closure(s: BenchSettings, device: torch.device, stage: str, bounded: bool) -> Callable[[], Any]:
+    """One image's inference at stage 3 or 4: the ``large_image`` under ``max_side`` (``bounded``), else the
+    ``large_size`` image without it."""
+    from sp_cam.config import SegConfig
+    from sp_cam.models import build_classifier, build_segmenter
+
+    size = s.large_image if bounded else s.large_size
+    max_side = s.max_side if bounded else 0
+    image = torch.randn(1, 3, *size, generator=_generator(s.seed + 5)).to(device)
+    torch.manual_seed(s.seed)
+    if stage == "stage3":
+        from net.spixel_fcn import build_spixel_fcn
+        from sp_cam.inference import infer_present
+
+        fcn = build_spixel_fcn("").to(device).eval()
+        ccfg = ClassifierConfig(backbone=s.large_backbone)  # the paper's DRM widths
+        model = build_classifier(ccfg, "spcam", s.num_classes, pretrained="").to(device).eval()
+        labels = torch.zeros(s.num_classes)
+        labels[torch.randperm(s.num_classes, generator=_generator(s.seed))[: s.present]] = 1
+        ts = list(s.t_list)
+        return lambda: infer_present(model, fcn, image, labels, s.scales, True, ts, ("psam",), max_side=max_side)
+    from sp_cam.seg_inference import seg_probs
+
+    model = build_segmenter(SegConfig(backbone=s.seg_backbone), s.num_classes, init="").to(device).eval()
+    return lambda: seg_probs(model, image, s.seg_scales, True, max_side=max_side)
+
+
 def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[], float]:
     """One optimizer step of the trainers' loss (the frozen FCN's PSAM, the forward, :func:`net.cls_losses.classifier_loss`)
     on a random batch."""
@@ -599,6 +649,23 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                 group="walk",
             ),
         ]
+    if "large" in s.sections:
+        nets = {"stage3": s.large_backbone, "stage4": f"DeepLab-V2 {s.seg_backbone}"}
+        passes = {"stage3": 2 * len(s.scales), "stage4": 2 * len(s.seg_scales)}
+        for stage in ("stage3", "stage4"):
+            for bounded in (False, True):
+                size = s.large_image if bounded else s.large_size
+                limit = f", max_side {s.max_side}" if bounded else ", max_side off"
+                cases.append(
+                    Case(
+                        f"large/{stage}{'_max_side' if bounded else ''}",
+                        "large",
+                        lambda stage=stage, bounded=bounded: large_closure(s, device, stage, bounded),
+                        True,
+                        once=device.type == "cpu",
+                        note=f"{size[0]}x{size[1]}{limit}, {passes[stage]} passes, {nets[stage]}",
+                    )
+                )
     if "train" in s.sections:
         note = f"batch {s.train_batch} at {s.train_size}x{s.train_size}, {s.backbone}"
         for kind in ("cam", "spcam"):
@@ -883,6 +950,15 @@ def summarise(s: BenchSettings, results: dict[str, dict[str, Any]], checks: dict
     summary["rw_speedup_vs_pixel"] = _ratio(med("walk/pixel_dense"), med("walk/superpixel"))
     summary["rw_speedup_vs_pixel_sparse"] = _ratio(med("walk/pixel_sparse"), med("walk/superpixel"))
     summary["spcam_step_ratio"] = _ratio(med("train/spcam"), med("train/cam"))
+    large = {}
+    for stage in ("stage3", "stage4"):
+        for bounded, size in ((False, s.large_size), (True, s.large_image)):
+            name = f"{stage}_max_side" if bounded else stage
+            peak = results.get(f"large/{name}", {}).get("peak_mib")
+            if peak is not None:
+                large[name] = peak / (size[0] * size[1] / 1e6)
+    if large:
+        summary["large_peak_mib_per_mp"] = large
     ops_mem = {
         op: (results.get(f"ops/{op}/fast", {}).get("peak_mib"), results.get(f"ops/{op}/reference", {}).get("peak_mib"))
         for op in OPS
@@ -984,6 +1060,7 @@ def markdown(report: dict[str, Any]) -> str:
         "pseudo_images_per_s",
         "stage3_label_agreement",
         "pixel_walk_dense_vs_sparse_max_abs_diff",
+        "large_peak_mib_per_mp",
     ):
         if key in report:
             lines.append(f"| {key} | {_fmt(report[key])} |")
@@ -1143,6 +1220,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="operator size (512 512)")
     p.add_argument("--image", type=int, nargs=2, default=None, metavar=("H", "W"), help="stage-3 image (375 500)")
     p.add_argument("--backbone", type=str, default=None, help="classifier backbone (resnet50; quick: tiny)")
+    p.add_argument("--large-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="large: without max_side")
+    p.add_argument("--large-image", type=int, nargs=2, default=None, metavar=("H", "W"), help="large: under max_side")
+    p.add_argument("--max-side", type=int, default=None, help=f"large: max_side of the bounded cases ({MAX_SIDE})")
+    p.add_argument("--large-backbone", type=str, default=None, help="large: stage-3 classifier backbone (tiny)")
+    p.add_argument("--seg-backbone", type=str, default=None, help="large: stage-4 DeepLab backbone (resnet101)")
     p.add_argument("--json", type=str, default="", help="write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="small sizes, 1-3 repeats (< 60 s on 2 cores)")
     p.add_argument("--sections", type=str, default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
@@ -1172,6 +1254,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         s.image = tuple(args.image)
     if args.backbone:
         s.backbone = args.backbone
+    for name in ("large_size", "large_image"):
+        if getattr(args, name):
+            setattr(s, name, tuple(getattr(args, name)))
+    if args.max_side is not None:
+        if args.max_side < 1:
+            raise ValueError(f"--max-side must be >= 1, got {args.max_side}")
+        s.max_side = args.max_side
+    if args.large_backbone:
+        s.large_backbone = args.large_backbone
+    if args.seg_backbone:
+        s.seg_backbone = args.seg_backbone
     if args.repeats:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
