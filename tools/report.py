@@ -1,6 +1,7 @@
 """A self-contained HTML report of a run: what each stage wrote, as plots and tables.
 
     python -m tools.report WORK_DIR [--out FILE] [--ids ID [ID ...]] [--height PX]
+    python -m tools.report -c CONFIG [section.key=value ...] [--out FILE] ...     (the work dir of that config)
 
 Reads, never recomputes (a section whose inputs are missing becomes a one-line note):
 
@@ -36,6 +37,7 @@ import logging
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,9 +192,21 @@ def array_png(image: np.ndarray) -> bytes:
 
 
 def done_line(path: Path) -> str:
-    """The first line of a ``DONE`` marker, cut to ``DONE_CHARS`` (stage 3's marker is a whole JSON record)."""
-    lines = path.read_text().strip().splitlines()
-    line = lines[0] if lines else "done"
+    """What a ``DONE`` marker says, cut to ``DONE_CHARS``: when it finished and its counts (the JSON markers of
+    sp_cam.guard), or the first line of an older plain-text marker."""
+    text = path.read_text().strip()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and "finished" in record:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(record["finished"])))
+        extra = record.get("extra") or {}
+        counts = ", ".join(f"{k} {v}" for k, v in extra.items() if isinstance(v, (int, float, str)))
+        line = f"finished {when}" + (f" ({counts})" if counts else "")
+    else:
+        lines = text.splitlines()
+        line = lines[0] if lines else "done"
     return line if len(line) <= DONE_CHARS else line[: DONE_CHARS - 3] + "..."
 
 
@@ -837,12 +851,25 @@ def write_report(root: Path, out: Path, ids: Sequence[str] | None = None, height
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("work_dir", type=Path, help="the run's work directory (run.work_dir)")
+    parser.add_argument("target", nargs="*", type=str, help="WORK_DIR, or with -c the section.key=value overrides")
+    parser.add_argument("-c", "--config", type=str, default=None, help="the run's config file (its run.work_dir)")
     parser.add_argument("--out", type=Path, default=None, help=f"HTML file to write (default WORK_DIR/{REPORT_FILE})")
     parser.add_argument("--ids", type=str, nargs="+", default=None, help="ids of the example figure (default: the "
                         f"first {DEFAULT_NUM_IDS} pseudo labels)")  # fmt: skip
     parser.add_argument("--height", type=int, default=160, help="panel height of the example figure, in pixels")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.config is not None:
+        from sp_cam.config import ConfigError, load_config
+
+        try:
+            args.work_dir = Path(load_config(args.config, args.target).run.work_dir)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif len(args.target) == 1:
+        args.work_dir = Path(args.target[0])
+    else:
+        parser.error("give WORK_DIR, or -c CONFIG [section.key=value ...]")
     if not args.work_dir.is_dir():
         print(f"error: work directory not found: {args.work_dir}", file=sys.stderr)
         return 2
