@@ -9,6 +9,7 @@ follow ``eval.absent``):
     a  baseline CAM, bilinear upsampling, best th
     b  SP-CAM, PSAM upsampling, t = 0, best th
     c  SP-CAM + random walk at the selected t, PSAM upsampling, selected th (the final pseudo labels)
+    c' the same labels with the (t, th) chosen with GT on ``pseudo.heldout_split`` instead (GT-free on the pseudo split)
     d  the same t with bilinear instead of PSAM upsampling, best th
     e  upper bound: every 16-px grid cell labelled by its GT majority
     f  upper bound: every FCN superpixel (PSAM argmax, scale 1) labelled by its GT majority
@@ -44,7 +45,7 @@ from sp_cam.io import atomic_write_json, atomic_write_text
 from sp_cam.metrics import iou_from_confusion
 from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
-from sp_cam.score_store import sum_confusions, t_values, th_values
+from sp_cam.score_store import TH_DECIMALS, sum_confusions, t_values, th_values
 from sp_cam.stage_guard import PSEUDO_RELABEL, claim, pseudo_inputs
 
 log = logging.getLogger("spcam.ablation")
@@ -94,7 +95,9 @@ def _row(key, name, upsample, t, th, res, images, note="", final=False) -> Row:
     return Row(key, name, upsample, t, th, res.miou, res.fg_miou, images, note, final, _per_class(res))
 
 
-def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[list[Row], int]:
+def build_rows(
+    cfg: Config, ids: list[str], selection: dict[str, Any], heldout: dict[str, Any] | None = None
+) -> tuple[list[Row], int]:
     """The ablation rows from the stored matrices; returns (rows, number of images with GT)."""
     pcfg = cfg.pseudo
     absent = cfg.eval.absent
@@ -136,6 +139,15 @@ def build_rows(cfg: Config, ids: list[str], selection: dict[str, Any]) -> tuple[
                         num_gt, "", True))  # fmt: skip
     else:
         rows.append(_row("c", "SP-CAM + random walk", "psam", t_sel, th_sel, None, 0, no_extras, final_psam))
+    main_conf, n_main = sums[f"conf_{pcfg.upsample}"]
+    if heldout is not None and main_conf is not None:  # the GT-free row: (t, th) chosen with GT on another split
+        t_h, th_h = int(heldout["t"]), round(float(heldout["th"]), TH_DECIMALS)
+        name = f"SP-CAM + random walk, (t, th) chosen on `{heldout['split']}`"
+        if t_h in ts and th_h in ths:
+            res = iou_from_confusion(main_conf[ts.index(t_h), ths.index(th_h)], absent=absent)
+            rows.append(_row("c'", name, pcfg.upsample, t_h, th_h, res, n_main))
+        else:
+            rows.append(_row("c'", name, pcfg.upsample, t_h, th_h, None, 0, "pair outside pseudo.t_list x th_list"))
     bil, n_bil = sums["conf_bilinear"]
     if bil is not None and t_sel in ts:
         if final_psam:
@@ -246,6 +258,9 @@ def write_metrics(
     for name, key in (("seg_miou", "g"), ("seg_miou_ms", "h"), ("seg_miou_crf", "i"), ("seg_gt_miou", "j")):
         if key in by_key:
             metrics[name] = by_key[key].miou
+    heldout = by_key.get("c'")
+    if heldout is not None:
+        metrics["heldout"] = {"split": cfg.pseudo.heldout_split, "t": heldout.t, "th": heldout.th, "miou": heldout.miou}
     if seg:
         metrics["seg_split"] = cfg.seg.eval_split
         metrics["seg_ablation"] = [asdict(r) for r in seg]
@@ -307,7 +322,12 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
 
 
 def _write(cfg: Config, paths: RunPaths, layout: VOCLayout, ids: list[str], selection: dict[str, Any]) -> dict:
-    rows, num_gt = build_rows(cfg, ids, selection)
+    heldout = None
+    if paths.heldout_outputs.selection.is_file():
+        heldout = json.loads(paths.heldout_outputs.selection.read_text())
+        if heldout.get("split") != cfg.pseudo.heldout_split:
+            heldout = None
+    rows, num_gt = build_rows(cfg, ids, selection, heldout)
     seg = seg_rows(cfg)
     atomic_write_json(
         paths.ablation,

@@ -160,9 +160,11 @@ class PseudoConfig:
     flip: bool = True
     t_list: list[int] = field(default_factory=lambda: [0, 20, 30, 40])
     th_list: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
-    select: Literal["gt", "fixed"] = (
-        "gt"  # gt: best (t, th) by GT mIoU on the split (ref, docs/decisions.md D8) | fixed: t, th below
-    )
+    # gt: best (t, th) by GT mIoU on the split (ref, docs/decisions.md D8) | fixed: pseudo.t, pseudo.th
+    select: Literal["gt", "fixed"] = "gt"
+    # (t, th) also chosen with GT on this split and applied to the pseudo split: the ablation's GT-free row (how much
+    # choosing on the labelled split itself flatters); "" = off
+    heldout_split: str = "val"
     t: int = 20
     th: float = 0.3
     renormalize_asam: bool = False  # docs/decisions.md D6: ref keeps the border mass loss

@@ -35,8 +35,9 @@ released once the pass is fused, and the normalisation works in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,12 +65,15 @@ class FusedScores:
         size: (H0, W0).
         psam: (1, 9, H1, W1) PSAM of the unflipped scale-1 pass (when that pass ran; superpixel maps), else None; that
             of the resized image when ``max_side`` resized it.
+        gap: (K,) float32 global-average-pooled foreground logits of the unflipped scale-1 pass (classification
+            scores), when that pass ran, else None.
     """
 
     classes: torch.Tensor
     scores: dict[tuple[str, int], torch.Tensor]
     size: tuple[int, int]
     psam: torch.Tensor | None = field(default=None)
+    gap: torch.Tensor | None = field(default=None)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -182,7 +186,7 @@ def infer_present(
     res = _fused_scores(model, fcn, small, *args)
     del small
     scores = {key: upsample_maps(maps, size) for key, maps in res.scores.items()}
-    return FusedScores(res.classes, scores, size, res.psam)
+    return FusedScores(res.classes, scores, size, res.psam, res.gap)
 
 
 def _fused_scores(
@@ -217,7 +221,7 @@ def _fused_scores(
     fuse_size = size if cam_path else scaled_size(size, 1.0, cell_size)
     ts = [0] if cam_path else sorted(set(int(t) for t in t_list))
     modes = ["bilinear"] if cam_path else list(dict.fromkeys(upsamples))
-    psam_keep = None
+    psam_keep = gap = None
     # per scale, in the order of `scales`: (PSAM or None, probabilities (P, n, h, w), ASAM or None)
     passes: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None] = [None] * len(scales)
     # largest scale first: its forward, the peak of the call, then runs with no other pass held
@@ -235,6 +239,8 @@ def _fused_scores(
             raise ValueError(
                 f"the model predicts {logits.shape[1]} channels but the dataset has {labels.numel()} classes + background"
             )
+        if gap is None and float(scales[i]) == 1.0:
+            gap = logits[:1].float().mean(dim=(2, 3))[0, 1:].cpu()
         prob = torch.softmax(logits.float(), dim=1).index_select(1, classes)  # (P, n, h, w)
         del logits
         if cam_path:
@@ -278,7 +284,7 @@ def _fused_scores(
         cam = cam.cpu().view(len(ts), n, *size)
         for i, t in enumerate(ts):
             scores[(mode, t)] = cam[i]
-    return FusedScores(classes.cpu(), scores, size, psam_keep)
+    return FusedScores(classes.cpu(), scores, size, psam_keep, gap)
 
 
 def _normalise_(fused: torch.Tensor) -> torch.Tensor:
@@ -407,12 +413,14 @@ def evaluate_split_confusion(
     renormalize_asam: bool = False,
     cell_size: int = CELL_SIZE,
     progress: bool = False,
+    on_item: Callable[[int, dict[str, Any], FusedScores], None] | None = None,
 ) -> dict[tuple[int, float], np.ndarray]:
     """Confusion matrices ((K+1) x (K+1) int64) per (t, th) over a split, in one pass (sum them across ranks).
 
     Args:
         dataset: EvalDataset-like, items ``{"id", "image": (3, H, W), "label": (K,), "mask": (H, W)}`` (255 = ignore).
         indices: the dataset indices to run (a rank's shard); default ``range(len(dataset))``, cut to ``max_images``.
+        on_item: called with (index, item, result) for every image (e.g. to collect the classification scores).
     """
     count = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     idx = list(range(count)) if indices is None else list(indices)
@@ -429,6 +437,8 @@ def evaluate_split_confusion(
             res = infer_present(
                 model, fcn, item["image"][None], label, scales, flip, t_list, (upsample,), renormalize_asam, cell_size
             )
+            if on_item is not None:
+                on_item(i, item, res)
             mask = torch.as_tensor(item["mask"])
             for (_, t), fused in res.scores.items():
                 preds = labels_from_present(fused, res.classes, list(th_list))

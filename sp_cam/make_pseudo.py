@@ -360,6 +360,14 @@ def seg_label_config(cfg: Config, selection: dict[str, Any]) -> Config:
     return derived
 
 
+def heldout_config(cfg: Config) -> Config:
+    """The config of the pass that chooses (t, th) with GT on ``pseudo.heldout_split`` (no ablation, no PNGs)."""
+    derived = copy.deepcopy(cfg)
+    derived.data.pseudo_split = cfg.pseudo.heldout_split
+    derived.pseudo.select, derived.pseudo.ablation, derived.pseudo.save_scores = "gt", False, False
+    return derived
+
+
 def label_pass(
     cfg: Config,
     layout,
@@ -367,12 +375,14 @@ def label_pass(
     out: LabelOutputs,
     shard: tuple[int, int] | None,
     recompute: Sequence[str],
+    write_labels: bool = True,
 ) -> dict[str, Any]:
     """Scores and labels of ``data.pseudo_split`` into ``out`` (resumable, sharded); the selection record or {}.
 
     Args:
         inputs: what the outputs are computed from (:func:`sp_cam.stage_guard.pseudo_inputs`), checked against
             ``DONE``; a change under ``recompute`` brings the outputs up to date, any other is an error.
+        write_labels: write the label PNGs (the held-out pass only selects).
     """
     info, device = dist_utils.init_distributed(cfg.run.device)
     if check_done(out.done, inputs, stage="pseudo", recompute=recompute):
@@ -390,14 +400,15 @@ def label_pass(
             record = finalize(cfg, ids, out, inputs, write_ids=[])
         dist_utils.barrier()
         record = _read_json(out.selection) or {}
-        write_outputs(cfg, mine, record, out, progress=info.is_main)
+        if write_labels:
+            write_outputs(cfg, mine, record, out, progress=info.is_main)
         dist_utils.barrier()
     else:
         missing = [i for i in ids if not has_signature(out.scores_file(i), signature)]
         if missing:
             log.info("shard %d/%d done; %d images of other shards still missing", rank, world, len(missing))
             return {}
-        record = finalize(cfg, ids, out, inputs)
+        record = finalize(cfg, ids, out, inputs, write_ids=None if write_labels else [])
     if info.is_main:
         write_done(out.done, inputs, {k: v for k, v in record.items() if k != "config"})
         log.info("pseudo labels: %s (%d images)", out.labels, len(ids))
@@ -430,8 +441,8 @@ def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) 
         raise ValueError("--force with --shard would remove the other shards' scores: run --force without --shard")
     layout = dist_utils.main_first(lambda: open_dataset(cfg))
     inputs = pseudo_inputs(cfg, layout)
-    out, seg_out = paths.pseudo_outputs, paths.seg_label_outputs
-    folders = [*out.folders, *seg_out.folders]
+    out, seg_out, heldout_out = paths.pseudo_outputs, paths.seg_label_outputs, paths.heldout_outputs
+    folders = [*out.folders, *seg_out.folders, *heldout_out.folders]
     by_hand = shard is not None
     lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
     clean = [] if by_hand else folders  # another shard's temporary file may be one being written
@@ -445,6 +456,16 @@ def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) 
             derived = seg_label_config(cfg, record)
             weights = {**inputs["upstream"], "cam": None}  # no ablation on this pass
             label_pass(derived, layout, pseudo_inputs(derived, layout, weights), seg_out, shard, PSEUDO_FOLLOWS)
+        heldout = cfg.pseudo.heldout_split
+        if record and heldout and heldout != cfg.data.pseudo_split:
+            if any(layout.has_gt(i) for i in layout.ids(heldout)):
+                log.info("stage 3: (t, th) chosen with GT on pseudo.heldout_split=%r too (the GT-free row)", heldout)
+                derived = heldout_config(cfg)
+                weights = {**inputs["upstream"], "cam": None}
+                label_pass(derived, layout, pseudo_inputs(derived, layout, weights), heldout_out, shard,
+                           PSEUDO_RELABEL, write_labels=False)  # fmt: skip
+            else:
+                log.info("stage 3: no GT masks on pseudo.heldout_split=%r: no GT-free row", heldout)
     return record
 
 

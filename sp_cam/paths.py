@@ -198,6 +198,19 @@ class RunPaths:
         )
 
     @property
+    def heldout_outputs(self) -> LabelOutputs:
+        """Stage 3 on ``pseudo.heldout_split``: scores and the (t, th) selected there with GT (no label PNGs)."""
+        folder = self.root / "pseudo_heldout"
+        return LabelOutputs(
+            scores=folder / "scores",
+            labels=folder / "labels",
+            score_maps=folder / "score_maps",
+            selection=folder / "selection.json",
+            sweep=folder / "sweep.json",
+            done=folder / "DONE",
+        )
+
+    @property
     def scores(self) -> Path:  # stage 3: per-image scores and confusion matrices (sp_cam.score_store)
         return self.pseudo_outputs.scores
 

@@ -163,31 +163,12 @@ def compute_loss(
 
 
 @torch.no_grad()
-def classification_scores(
-    net: nn.Module, fcn: nn.Module | None, dataset: EvalDataset, indices: list[int], cell_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """GAP scores of the foreground channels at scale 1, no flip.
-
-    Returns:
-        scores (n, K) float32 (the pooled logits), labels (n, K) float32.
-    """
+def classification_score(net: nn.Module, fcn: nn.Module | None, image: torch.Tensor, cell_size: int) -> np.ndarray:
+    """(K,) GAP scores of the foreground channels at scale 1, no flip, of a (1, 3, H, W) image (net in eval mode)."""
     device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    scores, labels = [], []
-    try:
-        for i in indices:
-            item = dataset[i]
-            cls_in, fcn_in = inference_inputs(item["image"][None].to(device), 1.0, cell_size)
-            logits = net(cls_in) if fcn is None else net(cls_in, fcn(fcn_in).float())
-            scores.append(logits.float().mean(dim=(2, 3))[0, 1:].cpu().numpy())
-            labels.append(np.asarray(item["label"], dtype=np.float32))
-    finally:
-        net.train(was_training)
-    k = getattr(net, "num_classes", 0)
-    if not scores:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.float32)
-    return np.stack(scores), np.stack(labels)
+    cls_in, fcn_in = inference_inputs(image.to(device), 1.0, cell_size)
+    logits = net(cls_in) if fcn is None else net(cls_in, fcn(fcn_in).float())
+    return logits.float().mean(dim=(2, 3))[0, 1:].cpu().numpy()
 
 
 def evaluate(
@@ -210,6 +191,16 @@ def evaluate(
     n = len(dataset) if ccfg.eval_max_images <= 0 else min(ccfg.eval_max_images, len(dataset))
     mine = dist_utils.shard(list(range(n)), dist_utils.get_rank(), dist_utils.get_world_size())
     t_list = [0] if model_type == "cam" else list(ccfg.eval_t)
+    k = net.num_classes
+    scores = np.zeros((len(mine), k), np.float32)
+    labels = np.zeros((len(mine), k), np.float32)
+    row = {index: r for r, index in enumerate(mine)}
+
+    def classification(index: int, item: dict[str, Any], res: Any) -> None:
+        """The GAP scores of the pass the pseudo labels already ran (an image without tags runs none)."""
+        gap = res.gap.numpy() if res.gap is not None else classification_score(net, fcn, item["image"][None], cell_size)
+        scores[row[index]], labels[row[index]] = gap, np.asarray(item["label"], dtype=np.float32)
+
     conf = evaluate_split_confusion(
         net,
         fcn,
@@ -221,6 +212,7 @@ def evaluate(
         indices=mine,
         cell_size=cell_size,
         progress=dist_utils.is_main(),
+        on_item=classification,
     )
     device = next(net.parameters()).device
     results = {}
@@ -228,8 +220,7 @@ def evaluate(
         total = dist_utils.all_reduce_sum(torch.from_numpy(conf[key]).to(device)).cpu().numpy()
         results[key] = iou_from_confusion(total, absent=absent)
     best_key = max(sorted(results), key=lambda k: results[k].miou)
-    scores, labels = classification_scores(net, fcn, dataset, mine, cell_size)
-    full_scores = torch.zeros(n, scores.shape[1] if scores.size else net.num_classes, device=device)
+    full_scores = torch.zeros(n, k, device=device)
     full_labels = torch.zeros_like(full_scores)
     if mine:
         full_scores[mine] = torch.from_numpy(scores).to(device)

@@ -260,3 +260,21 @@ def test_ablation_without_cam_model(tmp_path):
     metrics = ablation.run(cfg)
     assert metrics["cam_miou"] is None and "stage A" in metrics["cam_note"]
     assert metrics["miou"] is not None
+
+
+def test_gt_free_row_takes_t_and_th_chosen_on_the_heldout_split(tmp_path):
+    cfg = new_run(tmp_path / "w", "data.pseudo_split=train", "toy.num_train=3", "pseudo.heldout_split=val")
+    make_pseudo.run(cfg)
+    metrics = ablation.run(cfg)
+    paths = RunPaths.from_work_dir(cfg.run.work_dir)
+    heldout = json.loads(paths.heldout_outputs.selection.read_text())
+    assert heldout["split"] == "val" and heldout["select"] == "gt"
+    assert not paths.heldout_outputs.labels.exists()  # the held-out pass only selects
+    row = {r["key"]: r for r in metrics["ablation"]}["c'"]
+    assert (row["t"], row["th"]) == (heldout["t"], heldout["th"]) and "`val`" in row["name"]
+    # its mIoU is that of the pseudo split's own sweep at the held-out pair
+    pairs = {(p["t"], p["th"]): p["miou"] for p in json.loads(paths.sweep.read_text())["pairs"]}
+    assert row["miou"] == pytest.approx(pairs[(heldout["t"], heldout["th"])], abs=1e-9)
+    assert metrics["heldout"] == {"split": "val", "t": row["t"], "th": row["th"], "miou": row["miou"]}
+    assert row["miou"] <= metrics["miou"] + 1e-9  # the pair chosen on the split itself is the best there
+    assert "| c' | SP-CAM + random walk, (t, th) chosen on `val`" in paths.ablation_table.read_text()

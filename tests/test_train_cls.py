@@ -265,3 +265,18 @@ def test_labels_only_mode_and_cpu_fallbacks(toy_root, tmp_path, caplog):
     assert records and all(r["loss_sal"] == 0.0 and r["loss"] == r["loss_cls"] for r in records)
     assert "labels-only mode" in caplog.text and "cam.amp=bf16 is for CUDA only" in caplog.text
     assert RunPaths.tensorboard(sdir).is_dir() or "tensorboard package is not installed" in caplog.text
+
+
+def test_in_training_map_reuses_the_scale_1_pass(trained_cam):
+    """The mAP of the evaluation comes from the pseudo-label pass's own logits: the same as a separate forward."""
+    from data.datasets import EvalDataset
+    from sp_cam.open_data import open_dataset
+
+    cfg = trained_cam
+    model = load_classifier(RunPaths.model(RunPaths.from_work_dir(cfg.run.work_dir).cam), "cam")
+    dataset = EvalDataset(open_dataset(cfg), cfg.data.eval_split)
+    result = train_cls.evaluate(model, None, dataset, cfg.cam, "cam", cfg.fcn.cell_size)
+    n = result["images"]
+    scores = np.stack([train_cls.classification_score(model, None, dataset[i]["image"][None], 16) for i in range(n)])
+    labels = np.stack([np.asarray(dataset[i]["label"]) for i in range(n)])
+    assert result["map"] == train_cls.mean_average_precision(scores, labels)[0]
