@@ -655,7 +655,8 @@ def per_class_plot(names: list[str], rows: dict[str, list[float | None]]) -> Plo
         ax.set_ylim(0, 100)
         ax.set_ylabel("IoU (%)")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(rows), frameon=False)
+    ncol = max(1, min(len(rows), int(width // 3)))  # a legend wider than the axes would squeeze them
+    axes[0].legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=ncol, frameon=False)
     fig.suptitle("per-class IoU (metrics.json per_class)", fontsize=11)
     return Plot("per_class", figure_png(fig), "IoU of every class, one bar per row of metrics.json per_class.")
 
