@@ -21,7 +21,28 @@ from data.voc_layout import VOCLayout
 CamLoader = Callable[[str, tuple[int, int]], np.ndarray]  # (id, (H, W)) -> (K, H, W) float32
 
 
-class TrainDataset(Dataset):
+class EpochDataset(Dataset):
+    """Items of a list of ids that are a pure function of (seed, epoch, index): :meth:`set_epoch` selects the epoch
+    whose augmentations :meth:`rng` draws, whatever the number of DataLoader workers or their order."""
+
+    def __init__(self, ids: list[str], seed: int) -> None:
+        self.ids = list(ids)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentations of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator of item ``index`` in the current epoch."""
+        return np.random.default_rng((self.seed, self.epoch, index))
+
+
+class TrainDataset(EpochDataset):
     """Augmented training crops (docs/method.md §1.3).
 
     Args:
@@ -53,26 +74,17 @@ class TrainDataset(Dataset):
         lo, hi = resize_long
         if lo < 1 or hi < lo:
             raise ValueError(f"resize_long must satisfy 1 <= min <= max, got {tuple(resize_long)}")
+        super().__init__(layout.ids(split), seed)
         self.layout = layout
         self.split = split
-        self.ids = layout.ids(split)
         layout.check_labels(self.ids)
         self.crop_size = crop_size
         self.resize_long = (int(lo), int(hi))
         self.cam_loader = cam_loader
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentations of ``epoch`` (items are a pure function of seed, epoch and index)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = self.rng(index)
         image = self.layout.load_image(image_id)
         size = image.shape[:2]
         saliency = self.layout.load_saliency(image_id, size)

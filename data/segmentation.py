@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from data.datasets import EpochDataset
 from data.transforms import crop_pad_pair, flip_pair, normalize, random_scale_pair
 from data.voc_layout import VOCLayout
 
 LabelLoader = Callable[[str], np.ndarray]  # id -> (H, W) uint8 class indices, 255 = ignore
 
 
-class SegTrainDataset(Dataset):
+class SegTrainDataset(EpochDataset):
     """Augmented crops with their label map.
 
     Args:
@@ -46,24 +46,15 @@ class SegTrainDataset(Dataset):
     ) -> None:
         if crop_size < 1 or not scales or min(scales) <= 0:
             raise ValueError(f"crop_size must be >= 1 and scales positive, got {crop_size}, {list(scales)}")
+        super().__init__(list(ids), seed)
         self.layout = layout
-        self.ids = list(ids)
         self.load_label = load_label
         self.crop_size = crop_size
         self.scales = tuple(float(s) for s in scales)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentations of ``epoch``."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rng = self.rng(index)
         image = self.layout.load_image(image_id)
         label = self.load_label(image_id)
         if label.shape != image.shape[:2]:

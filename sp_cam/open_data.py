@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dataset_root
+from data.datasets import TrainDataset
 from data.toy import make_toy_dataset
 from data.voc_layout import SALIENCY_DIR, VOCLayout
 from sp_cam.config import Config
@@ -96,3 +97,15 @@ def open_dataset(cfg: Config) -> VOCLayout:
         sal = _saliency_from_config(cfg.data.saliency_dir, root / SALIENCY_DIR, explicit_default=False)
         return VOCLayout(root, saliency_dir=sal)
     raise ValueError(f"data.dataset: unknown dataset {name!r}; expected one of toy, voc12, coco14, folder")
+
+
+def train_dataset(cfg: Config, layout: VOCLayout) -> TrainDataset:
+    """The augmented training crops of ``data.train_split`` (stages A, 1 and 2), as ``cfg.data`` describes them."""
+    d = cfg.data
+    return TrainDataset(
+        layout,
+        d.train_split,
+        crop_size=d.crop_size,
+        resize_long=(d.resize_long_min, d.resize_long_max),
+        seed=cfg.run.seed,
+    )

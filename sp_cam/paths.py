@@ -171,44 +171,33 @@ class RunPaths:
     def pseudo_log(self) -> Path:
         return self.root / "pseudo.log"
 
+    def _label_pass(self, folder: str, labels: str) -> LabelOutputs:
+        """The outputs of a stage-3 pass: its scores, selection, sweep and DONE in ``folder``, its PNGs in ``labels``."""
+        root = self.root / folder
+        return LabelOutputs(
+            scores=root / "scores",
+            labels=self.root / labels,
+            score_maps=root / "score_maps",
+            selection=root / "selection.json",
+            sweep=root / "sweep.json",
+            done=root / "DONE",
+        )
+
     @property
     def pseudo_outputs(self) -> LabelOutputs:
         """Stage 3 on ``data.pseudo_split``: the seed labels, scored and swept (the reported pseudo-label mIoU)."""
-        return LabelOutputs(
-            scores=self.pseudo / "scores",
-            labels=self.root / "pseudo_labels",
-            score_maps=self.pseudo / "score_maps",
-            selection=self.pseudo / "selection.json",
-            sweep=self.pseudo / "sweep.json",
-            done=self.pseudo / "DONE",
-        )
+        return self._label_pass("pseudo", "pseudo_labels")
 
     @property
     def seg_label_outputs(self) -> LabelOutputs:
         """Stage 3 on ``seg.train_split`` when it is not ``data.pseudo_split``: the labels stage 4 trains on, at the
         (t, th) selected on ``data.pseudo_split``."""
-        folder = self.root / "pseudo_seg"
-        return LabelOutputs(
-            scores=folder / "scores",
-            labels=self.root / "seg_labels",
-            score_maps=folder / "score_maps",
-            selection=folder / "selection.json",
-            sweep=folder / "sweep.json",
-            done=folder / "DONE",
-        )
+        return self._label_pass("pseudo_seg", "seg_labels")
 
     @property
     def heldout_outputs(self) -> LabelOutputs:
         """Stage 3 on ``pseudo.heldout_split``: scores and the (t, th) selected there with GT (no label PNGs)."""
-        folder = self.root / "pseudo_heldout"
-        return LabelOutputs(
-            scores=folder / "scores",
-            labels=folder / "labels",
-            score_maps=folder / "score_maps",
-            selection=folder / "selection.json",
-            sweep=folder / "sweep.json",
-            done=folder / "DONE",
-        )
+        return self._label_pass("pseudo_heldout", "pseudo_heldout/labels")
 
     @property
     def scores(self) -> Path:  # stage 3: per-image scores and confusion matrices (sp_cam.score_store)

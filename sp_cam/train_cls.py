@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.datasets import EvalDataset, TrainDataset
+from data.datasets import EvalDataset
 from data.transforms import inference_inputs
 from data.voc_layout import VOCLayout
 from net.cls_losses import classifier_loss
@@ -38,6 +38,7 @@ from sp_cam.models import (
     fcn_weights_path,
     load_frozen_fcn,
 )
+from sp_cam.open_data import train_dataset
 from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
@@ -332,13 +333,7 @@ def _train(cfg: Config, model_type: str, ccfg: ClassifierConfig, stage: engine.S
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
     net = build_classifier(ccfg, model_type, layout.num_classes).to(device)
     fcn = load_frozen_fcn(fcn_weights_path(cfg), device) if model_type == "spcam" else None
-    train_set = TrainDataset(
-        layout,
-        cfg.data.train_split,
-        crop_size=cfg.data.crop_size,
-        resize_long=(cfg.data.resize_long_min, cfg.data.resize_long_max),
-        seed=cfg.run.seed,
-    )
+    train_set = train_dataset(cfg, layout)
     check_split_labels(layout, train_set.ids, cfg.data.train_split)
     total_steps = ccfg.epochs * (len(train_set) // ccfg.batch_size)
     optimizer, scheduler = build_optimizer(net, ccfg, max(total_steps, 1))

@@ -43,6 +43,7 @@ from sp_cam.engine import Selection, TrainingDivergedError
 from sp_cam.io import DamagedFileError
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import build_fcn, fcn_payload
+from sp_cam.open_data import train_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
 from sp_cam.stage_guard import fcn_inputs
@@ -307,13 +308,7 @@ def _train(cfg: Config, paths: RunPaths, stage: engine.Stage) -> Path:
     mode, why = choose_mode(fcfg, layout.has_saliency)
     log.info("stage 1: loss mode %s (%s)", mode, why)
 
-    train_set = TrainDataset(
-        layout,
-        cfg.data.train_split,
-        crop_size=cfg.data.crop_size,
-        resize_long=(cfg.data.resize_long_min, cfg.data.resize_long_max),
-        seed=cfg.run.seed,
-    )
+    train_set = train_dataset(cfg, layout)
     if len(train_set) == 0:
         raise ConfigError(f"data.train_split={cfg.data.train_split!r} is empty")
     dist_utils.micro_batch_size(fcfg.batch_size, info.world_size, 1, "fcn")  # the global batch splits evenly
