@@ -379,10 +379,13 @@ class _Trainer:
         """Restore the full training state from ``last.pt``."""
         s, stage = self.state, self.stage
         ckpt = load_checkpoint(path)
-        if ckpt.get("stage") != stage.name:
+        found = ckpt.get("stage")
+        if found != stage.name:
+            what = (
+                "not a training checkpoint (no 'stage' entry)" if found is None else f"a checkpoint of stage {found!r}"
+            )
             raise ValueError(
-                f"{path}: a training checkpoint of stage {ckpt.get('stage')!r}, not of {stage.name!r} "
-                f"(remove it to start the stage afresh)"
+                f"{path}: {what}, not of {stage.name!r} (remove it, or --force {stage.name}, to start afresh)"
             )
         restore_model_and_optimizer(
             ckpt, path, stage.inputs, s.net, s.optimizer, stage.name, stage.cfg.run.allow_config_change

@@ -280,3 +280,14 @@ def read_npz(
             return {k: z[k] for k in wanted}
         except NPZ_ERRORS as e:
             raise DamagedFileError(f"{path}: not a valid {what} ({_npz_failure(path, e)})") from None
+
+
+LOAD_ERROR_CHARS = 300  # how much of a state-dict mismatch a one-line error shows
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line from ``load_state_dict``'s error: the detail lines (missing, unexpected, mis-shaped keys) joined,
+    not only its first line ("Error(s) in loading state_dict for X:")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = "; ".join(lines[1:] or lines) or type(e).__name__
+    return detail if len(detail) <= LOAD_ERROR_CHARS else detail[: LOAD_ERROR_CHARS - 3] + "..."

@@ -30,7 +30,7 @@ from net.classifiers import build_classifier as _build_classifier
 from net.deeplab import DeepLabV2, build_deeplab
 from net.spixel_fcn import SpixelNet, build_spixel_fcn, load_spixel_weights
 from sp_cam.config import ClassifierConfig, Config, ConfigError, FCNConfig, SegConfig, config_from_dict, config_to_dict
-from sp_cam.io import load_checkpoint
+from sp_cam.io import describe_load_error, load_checkpoint
 from sp_cam.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def load_classifier(path: str | Path, expected_type: str, device: torch.device |
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the {expected_type} model ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: weights do not fit the {expected_type} model ({describe_load_error(e)})") from None
     return model.to(device).eval()
 
 
@@ -299,6 +299,6 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Deep
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ValueError(
-            f"{path}: weights do not fit the {cfg.seg.backbone} DeepLab-V2 ({str(e).splitlines()[0]})"
+            f"{path}: weights do not fit the {cfg.seg.backbone} DeepLab-V2 ({describe_load_error(e)})"
         ) from None
     return model.to(device).eval()

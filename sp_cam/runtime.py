@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sp_cam.guard import changed_keys
-from sp_cam.io import cannot_write
+from sp_cam.io import cannot_write, describe_load_error
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
@@ -202,4 +202,4 @@ def restore_model_and_optimizer(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: does not fit this model/config ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: does not fit this model/config ({describe_load_error(e)})") from None

@@ -280,3 +280,18 @@ def test_in_training_map_reuses_the_scale_1_pass(trained_cam):
     scores = np.stack([train_cls.classification_score(model, None, dataset[i]["image"][None], 16) for i in range(n)])
     labels = np.stack([np.asarray(dataset[i]["label"]) for i in range(n)])
     assert result["map"] == train_cls.mean_average_precision(scores, labels)[0]
+
+
+def test_weak_checkpoint_messages_name_what_is_wrong(trained_cam, tmp_path):
+    """A checkpoint without a stage entry says so (not 'stage None'); a weights mismatch names the keys."""
+    sdir = RunPaths.from_work_dir(trained_cam.run.work_dir).cam
+    state = load_checkpoint(RunPaths.model(sdir))
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("classifier")}
+    save_checkpoint(tmp_path / "broken.pt", state)
+    with pytest.raises(ValueError, match=r"weights do not fit the cam model \(Missing key\(s\) in state_dict: .classifier"):
+        load_classifier(tmp_path / "broken.pt", "cam")
+    cfg = tiny_config(tmp_path / "w", Path(trained_cam.data.root))
+    last = RunPaths.last_checkpoint(RunPaths.from_work_dir(cfg.run.work_dir).cam)
+    save_checkpoint(last, {"model": {}, "epoch": 1})
+    with pytest.raises(ValueError, match=r"last.pt: not a training checkpoint \(no 'stage' entry\), not of 'cam'"):
+        train_cls.run(cfg, "cam")
