@@ -288,7 +288,9 @@ def test_weak_checkpoint_messages_name_what_is_wrong(trained_cam, tmp_path):
     state = load_checkpoint(RunPaths.model(sdir))
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("classifier")}
     save_checkpoint(tmp_path / "broken.pt", state)
-    with pytest.raises(ValueError, match=r"weights do not fit the cam model \(Missing key\(s\) in state_dict: .classifier"):
+    with pytest.raises(
+        ValueError, match=r"weights do not fit the cam model \(Missing key\(s\) in state_dict: .classifier"
+    ):
         load_classifier(tmp_path / "broken.pt", "cam")
     cfg = tiny_config(tmp_path / "w", Path(trained_cam.data.root))
     last = RunPaths.last_checkpoint(RunPaths.from_work_dir(cfg.run.work_dir).cam)
