@@ -53,11 +53,12 @@ class TrainDataset(EpochDataset):
         cam_loader: optional ``(id, (H, W)) -> (K, H, W) float32`` of per-pixel maps (the step-B CAMs), transformed
             jointly with the image (bilinear resize, zero padding).
         seed: base of the per-item generators.
+        cams_from_epoch: the first 0-based epoch whose items read ``cam_loader`` (earlier ones carry no ``cam``).
 
     Item:
         ``id`` str; ``image`` (3, S, S) float32 normalised; ``saliency`` (1, S, S) float32 in [0, 1] (zeros when the
         layout has none); ``label`` (K,) float32 multi-hot; ``valid`` (1, S, S) float32, 1 on real pixels and 0 in the
-        padding; ``cam`` (K, S, S) float32, only with ``cam_loader``.
+        padding; ``cam`` (K, S, S) float32, only with ``cam_loader`` and from epoch ``cams_from_epoch`` on.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class TrainDataset(EpochDataset):
         resize_long: tuple[int, int] = (320, 640),
         cam_loader: CamLoader | None = None,
         seed: int = 0,
+        cams_from_epoch: int = 0,
     ) -> None:
         if crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
@@ -81,6 +83,7 @@ class TrainDataset(EpochDataset):
         self.crop_size = crop_size
         self.resize_long = (int(lo), int(hi))
         self.cam_loader = cam_loader
+        self.cams_from_epoch = cams_from_epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
@@ -89,7 +92,7 @@ class TrainDataset(EpochDataset):
         size = image.shape[:2]
         saliency = self.layout.load_saliency(image_id, size)
         maps = None
-        if self.cam_loader is not None:
+        if self.cam_loader is not None and self.epoch >= self.cams_from_epoch:
             cams = np.asarray(self.cam_loader(image_id, size), dtype=np.float32)
             if cams.shape != (self.layout.num_classes, *size):
                 raise ValueError(

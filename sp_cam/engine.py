@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from data.voc_layout import VOCLayout
@@ -201,9 +201,6 @@ class Task:
         """Extra fields of the ``train`` record of 0-based global step ``step``."""
         return {}
 
-    def start_epoch(self, epoch: int) -> None:
-        """Called before the loader of 0-based ``epoch`` starts (after the dataset's ``set_epoch``)."""
-
     def evaluate(self, net: nn.Module) -> dict[str, Any] | None:
         """Evaluate the unwrapped network on every process (collective); None when there is nothing to score.
 
@@ -275,6 +272,40 @@ def _scalars(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+class _EpochSampler(Sampler):
+    """``(epoch, index)`` pairs of a ``DistributedSampler``'s order for the epoch last set by :meth:`set_epoch`."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _EpochItems(Dataset):
+    """``(epoch, index) -> dataset[index]`` of that epoch: the epoch travels with the index to the loader's
+    long-lived worker processes, whose copies of the dataset never see the main process's ``set_epoch``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 class _Trainer:
     def __init__(
         self,
@@ -312,7 +343,10 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
 
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self) -> DataLoader:
+        """The training loader of the whole run, its worker processes kept from epoch to epoch: a fork per epoch makes
+        the first step of every epoch copy the training process's memory page by page (measured: 4.4 s instead of
+        1.0 s for the toy stage A on 2 CPU cores). Items carry their epoch (:class:`_EpochItems`)."""
         info = self.stage.info
         sampler = DistributedSampler(
             self.train_set,
@@ -322,12 +356,14 @@ class _Trainer:
             seed=self.stage.cfg.run.seed,
             drop_last=True,
         )
-        sampler.set_epoch(epoch)
+        workers = self.stage.cfg.data.num_workers
         return DataLoader(
-            self.train_set,
+            _EpochItems(self.train_set),
             batch_size=self.micro_batch,
-            sampler=sampler,
-            num_workers=self.stage.cfg.data.num_workers,
+            sampler=_EpochSampler(sampler),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.stage.cfg.run.seed),  # the global RNGs stay the training's
             drop_last=True,
             pin_memory=self.stage.device.type == "cuda",
         )
@@ -553,12 +589,13 @@ class _Trainer:
                 s.initial = _scalars(result)
                 self._record({"kind": "eval", "epoch": 0, "step": 0, **{f"eval_{k}": v for k, v in s.initial.items()}})
                 log.info("%s: initial weights: %s", stage.label, self.task.describe(result))
+        loader = self._loader()
         while s.step < self.total_steps:
             epoch = s.epoch
             seed_everything(derive_seed(stage.cfg.run.seed, epoch, info.rank))
             self.train_set.set_epoch(epoch)
-            self.task.start_epoch(epoch)
-            stats = self.train_one_epoch(iter(self._loader(epoch)))
+            loader.sampler.set_epoch(epoch)
+            stats = self.train_one_epoch(iter(loader))
             s.epoch += 1
             record: dict[str, Any] = {"kind": "epoch", "epoch": s.epoch, "step": s.step, **stats}
             due = schedule.eval_every and (s.epoch % schedule.eval_every == 0 or s.step == self.total_steps)

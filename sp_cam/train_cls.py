@@ -148,9 +148,8 @@ def compute_loss(
     labels = batch["label"].to(ctx.device, non_blocking=True)
     psam = None
     if fcn is not None:
-        with (
-            torch.no_grad()
-        ):  # docs/decisions.md D4: the frozen FCN gets no graph; fp32 (PSAM ops stay fp32, docs/method.md §8.3)
+        # docs/decisions.md D4: the frozen FCN gets no graph; fp32 (PSAM ops stay fp32, docs/method.md §8.3)
+        with torch.no_grad():
             psam = fcn(image).float()
     with ctx.autocast():
         logits = model(image) if psam is None else model(image, psam)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.classes import IGNORE_INDEX
-from data.datasets import EvalDataset, TrainDataset
+from data.datasets import EvalDataset
 from net.fcn_loss import FCNLoss
 from net.psam import asam, pad_to_multiple, psam_pool, psam_upsample, random_walk
 from net.spixel_fcn import INPUT_MULTIPLE, SpixelNet
@@ -229,9 +229,6 @@ class FCNTask(engine.Task):
         loss_fn: FCNLoss,
         mode: str,
         num_classes: int,
-        train_set: TrainDataset,
-        cam_loader: CamLoader,
-        steps_per_epoch: int,
         affinity_from: int,
         eval_set: EvalDataset | None,
     ) -> None:
@@ -240,16 +237,8 @@ class FCNTask(engine.Task):
         self.loss_fn = loss_fn
         self.mode = mode
         self.num_classes = num_classes
-        self.train_set = train_set
-        self.cam_loader = cam_loader
-        self.steps_per_epoch = steps_per_epoch
         self.affinity_from = affinity_from
         self.eval_set = eval_set
-
-    def start_epoch(self, epoch):
-        # CAMs only for epochs that contain an affinity step (the first 70 % of the run never reads them)
-        reads_cams = (epoch + 1) * self.steps_per_epoch > self.affinity_from
-        self.train_set.cam_loader = self.cam_loader if reads_cams else None
 
     def loss(self, model, batch, ctx):
         use_affinity = ctx.step >= self.affinity_from
@@ -327,6 +316,9 @@ def _train(cfg: Config, paths: RunPaths, stage: engine.Stage) -> Path:
     affinity_from = affinity_from_step(fcfg, total_steps)
     if affinity_from < total_steps:
         check_cams(paths, train_set.ids, layout)
+        # CAMs only from the first epoch with an affinity step (the first 70 % of the run never reads them)
+        train_set.cam_loader = CamLoader(paths, num_classes)
+        train_set.cams_from_epoch = affinity_from // steps
         log.info("stage 1: affinity terms from step %d of %d, CAMs from %s", affinity_from + 1, total_steps, paths.cams)
     else:
         log.info("stage 1: affinity terms never switched on (fcn.affinity_warmup=%g)", fcfg.affinity_warmup)
@@ -350,8 +342,7 @@ def _train(cfg: Config, paths: RunPaths, stage: engine.Stage) -> Path:
         shuffle=fcfg.shuffle,
         log_every=fcfg.log_every,
     )
-    task = FCNTask(cfg, loss_fn, mode, num_classes, train_set, CamLoader(paths, num_classes), steps, affinity_from,
-                   eval_set)  # fmt: skip
+    task = FCNTask(cfg, loss_fn, mode, num_classes, affinity_from, eval_set)
     return engine.fit(stage, net, optimizer, None, train_set, task, schedule)
 
 

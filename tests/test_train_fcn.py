@@ -183,3 +183,15 @@ def test_build_loss_uses_every_field():
     assert loss.num_classes == 80 and loss.mode == "labels_only" and loss.pos_weight == 0.01
     for name in ("sal_threshold", "color_weight", "recon_weight", "th_step", "th_fg", "press_weight"):
         assert getattr(loss, name) == getattr(cfg, name), name
+
+
+def test_loader_workers_see_every_epoch(tmp_path, toy_root):
+    """The loader's worker processes live for the whole run; the epoch (augmentations, CAMs from the affinity
+    epoch on) travels with each index, so two workers give the weights of the in-process loader."""
+    weights = {}
+    for workers in (0, 2):
+        work = tmp_path / f"w{workers}"
+        write_cams(work, toy_root)
+        train_fcn.run(make_config(work, toy_root, "fcn.epochs=3", f"data.num_workers={workers}"))
+        weights[workers] = final_weights(work)
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
