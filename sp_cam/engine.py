@@ -7,7 +7,8 @@ file). The engine owns the rest:
 
 * the epoch loop; a seeded ``DistributedSampler`` (also with one process), so global step k of an epoch takes the
   images ``perm[k*B:(k+1)*B]`` of that epoch's permutation whatever the number of processes; ``batch`` is the global
-  batch of one optimizer step, split over the processes and ``grad_accum`` micro-batches;
+  batch of one optimizer step, split over the processes and ``grad_accum`` micro-batches; one DataLoader for the
+  whole run, its worker processes kept from epoch to epoch (the epoch travels with each index);
 * DistributedDataParallel under torchrun (gradients all-reduced once per optimizer step), AMP (bf16 autocast, or fp16
   with loss scaling, CUDA only), the non-finite-loss stop (:class:`TrainingDivergedError`, nothing stepped);
 * every epoch a full checkpoint ``last.pt`` (model, optimizer, scheduler, scaler, epoch, step, RNG states, config,

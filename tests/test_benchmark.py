@@ -10,7 +10,14 @@ import pytest
 
 from tools import benchmark
 
-SUMMARY_KEYS = ("ops_speedup", "ops_max_abs_diff", "postprocess_fraction", "rw_speedup_vs_pixel", "spcam_step_ratio")
+SUMMARY_KEYS = (
+    "ops_speedup",
+    "ops_max_abs_diff",
+    "postprocess_fraction",
+    "rw_speedup_vs_pixel",
+    "spcam_step_ratio",
+    "loader_kept_speedup",
+)
 
 
 @pytest.mark.slow
@@ -27,7 +34,15 @@ def test_quick_run_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert report["stage3_label_agreement"] >= 0.999
     assert report["pixel_walk_dense_vs_sparse_max_abs_diff"] < 1e-8
     # every case was timed; memory was measured for the operators, the peak of the fast forms is finite
-    for name in ("ops/asam/fast", "ops/asam/reference", "walk/pixel_dense", "train/spcam", "stage3/postprocess"):
+    for name in (
+        "ops/asam/fast",
+        "ops/asam/reference",
+        "walk/pixel_dense",
+        "train/spcam",
+        "loader/kept",
+        "loader/new_per_epoch",
+        "stage3/postprocess",
+    ):
         case = report["cases"][name]
         assert case["median_s"] > 0 and case["min_s"] <= case["median_s"] <= case["max_s"], name
     assert all(

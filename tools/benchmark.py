@@ -19,6 +19,10 @@ Sections (``--sections``, all by default):
 ``train``   one training step (forward, loss, backward, SGD step) of the CAM baseline and of SP-CAM (FCN under
             ``no_grad``, DRM at the paper's widths), batch 2 at 256 x 256 on CPU, batch 16 at 512 x 512 on CUDA, with
             the trainer's own loss code (:func:`sp_cam.train_cls.compute_loss`).
+``loader``  one epoch of that CAM training step fed by a DataLoader with 2 worker processes (10 batches of in-memory
+            items): a new loader every epoch, as a fresh ``iter`` forks new workers, against the
+            engine's one loader whose workers live for the whole run. A fork makes the training process's next step
+            copy its memory page by page (copy-on-write), once per epoch for the first.
 ``pseudo``  images/s of the pseudo-label command (:func:`sp_cam.make_pseudo.main`) on a generated toy dataset, with
             randomly initialised models saved in the trainer's checkpoint format (includes model loading).
 ``large``   peak memory per megapixel of one image's inference, stage 3 (:func:`sp_cam.inference.infer_present`: the
@@ -45,7 +49,7 @@ crops, one toy image, one thread, 1-2 repeats) so that it finishes in about 15-3
 issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB),
 plus about 8 minutes and 3.1 GiB for ``large``.
 ``--json OUT`` writes every figure, the summary keys ``ops_speedup``, ``ops_max_abs_diff``, ``postprocess_fraction``,
-``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``device`` and the targets of issue 6 with, for a missed one, the top
+``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``loader_kept_speedup``, ``device`` and the targets of issue 6 with, for a missed one, the top
 operators of a ``torch.profiler`` run of the case that limits it.
 """
 
@@ -85,7 +89,7 @@ from sp_cam.pixel_walk import PixelWalkConfig, pixel_random_walk
 log = logging.getLogger("spcam.benchmark")
 REPO_ROOT = Path(__file__).resolve().parents[1]  # child processes run `python -m ...` from here
 
-SECTIONS = ("ops", "stage3", "walk", "train", "pseudo", "large")
+SECTIONS = ("ops", "stage3", "walk", "train", "loader", "pseudo", "large")
 CELL_SIZE = 16  # ref: superpixel grid cell in pixels
 NUM_CLASSES = 20  # VOC: K = 20 foreground classes, K + 1 = 21 channels
 PRESENT_CLASSES = 2  # foreground classes tagged on the stage-3 image (VOC train_aug averages about 1.5)
@@ -102,6 +106,8 @@ LARGE_SIZE = (768, 1024)  # LARGE_IMAGE at MAX_SIDE: the inference size, measure
 SEG_SCALES = (0.5, 0.75, 1.0)  # seg.test_scales (deeplab-pytorch), each with its flip
 TRAIN_CPU = (2, 256)  # issue 6: batch, crop size of the training step on CPU
 TRAIN_CUDA = (16, 512)  # issue 6: ... on CUDA
+LOADER_STEPS = 10  # batches of one loader epoch (the toy stages run 10 or 20)
+LOADER_WORKERS = 2  # data.num_workers of the toy config
 TRAIN_LR = 1e-5  # the benchmark's steps run on random data: a small lr keeps the numbers finite (timing unaffected)
 PSAM_SHARPNESS = 2.0  # random PSAMs/scores: softmax of 2 * N(0, 1), roughly as peaked as a trained FCN's
 CHILD_MMAP_THRESHOLD = 65536  # bytes: the memory child mmaps allocations above this, so frees return to the OS
@@ -138,6 +144,7 @@ class BenchSettings:
     walk_steps: int = WALK_STEPS
     train_batch: int = TRAIN_CPU[0]
     train_size: int = TRAIN_CPU[1]
+    loader_steps: int = LOADER_STEPS
     warmup: int = 2
     repeats: int = 7
     heavy_warmup: int = 1  # network forwards and post-processing of a whole image
@@ -169,6 +176,7 @@ QUICK = {  # --quick: a smoke run of every section (the test), well under a minu
     "image": (64, 96),
     "backbone": "tiny",
     "train_size": 64,
+    "loader_steps": 2,
     "warmup": 1,
     "repeats": 2,
     "heavy_warmup": 0,
@@ -513,6 +521,41 @@ def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[]
     return run
 
 
+class _Items(torch.utils.data.Dataset):
+    """``n`` in-memory (3, size, size) items: what the workers deliver does not matter, that they are forked does."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size)
+
+
+def loader_epoch(s: BenchSettings, device: torch.device, kept: bool) -> Callable[[], float]:
+    """One epoch of :func:`train_step` (CAM) steps, one per batch of a 2-worker DataLoader: a loader whose workers are
+    kept from epoch to epoch (``kept``, as :mod:`sp_cam.engine`) or a new one every epoch."""
+    step = train_step(s, device, "cam")
+    items = _Items(s.loader_steps * s.train_batch, s.train_size)
+
+    def make() -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            items, batch_size=s.train_batch, num_workers=LOADER_WORKERS, persistent_workers=kept
+        )
+
+    loader = make()
+
+    def run() -> float:
+        loss = 0.0
+        for _ in loader if kept else make():
+            loss = step()
+        return loss
+
+    return run
+
+
 def train_breakdown(s: BenchSettings, device: torch.device) -> dict[str, float]:
     """Median seconds of the parts that SP-CAM adds to a CAM training step, each timed alone on the step's shapes:
     the frozen FCN's forward, the PSAM encoder E forward+backward, the kernel head T forward+backward (and its first
@@ -671,6 +714,20 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
         for kind in ("cam", "spcam"):
             cases.append(
                 Case(f"train/{kind}", "train", lambda kind=kind: train_step(s, device, kind), note=note, group="train")
+            )
+    if "loader" in s.sections:
+        note = f"{s.loader_steps} CAM steps, batch {s.train_batch} at {s.train_size}x{s.train_size}, {LOADER_WORKERS} workers"
+        for name, kept in (("new_per_epoch", False), ("kept", True)):
+            cases.append(
+                Case(
+                    f"loader/{name}",
+                    "loader",
+                    lambda kept=kept: loader_epoch(s, device, kept),
+                    heavy=True,
+                    memory=False,
+                    note=note,
+                    group="loader",
+                )
             )
     return cases
 
@@ -950,6 +1007,7 @@ def summarise(s: BenchSettings, results: dict[str, dict[str, Any]], checks: dict
     summary["rw_speedup_vs_pixel"] = _ratio(med("walk/pixel_dense"), med("walk/superpixel"))
     summary["rw_speedup_vs_pixel_sparse"] = _ratio(med("walk/pixel_sparse"), med("walk/superpixel"))
     summary["spcam_step_ratio"] = _ratio(med("train/spcam"), med("train/cam"))
+    summary["loader_kept_speedup"] = _ratio(med("loader/new_per_epoch"), med("loader/kept"))
     large = {}
     for stage in ("stage3", "stage4"):
         for bounded, size in ((False, s.large_size), (True, s.large_image)):
@@ -1057,6 +1115,7 @@ def markdown(report: dict[str, Any]) -> str:
         "rw_speedup_vs_pixel",
         "rw_speedup_vs_pixel_sparse",
         "spcam_step_ratio",
+        "loader_kept_speedup",
         "pseudo_images_per_s",
         "stage3_label_agreement",
         "pixel_walk_dense_vs_sparse_max_abs_diff",
