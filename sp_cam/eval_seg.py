@@ -36,7 +36,7 @@ from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config, load_config
 from sp_cam.crf import CRFParams, crf_available, dense_crf
-from sp_cam.guard import LOCK_FILE, StaleOutputError, check_done, fingerprint, shard_lock_name
+from sp_cam.guard import StaleOutputError, check_done, fingerprint
 from sp_cam.inference import resize_to_max_side
 from sp_cam.io import NPZ_ERRORS, DamagedFileError, atomic_write, atomic_write_json, read_npz, write_label_png
 from sp_cam.metrics import confusion_matrix, iou_from_confusion
@@ -45,7 +45,7 @@ from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import configure_threads, setup_logging
 from sp_cam.seg_inference import seg_labels, seg_probs, upsampled_argmax
-from sp_cam.stage_guard import claim, seg_eval_inputs
+from sp_cam.stage_guard import claim_shard, owns_folder, seg_eval_inputs
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,11 @@ def _done(path: Path, modes: list[str], signature: str) -> bool:
         return False
 
 
+def is_voc_test(cfg: Config, split: str) -> bool:
+    """Whether the labels also go to the layout of the VOC evaluation server."""
+    return cfg.data.dataset == "voc12" and split == VOC_TEST_SPLIT
+
+
 def file_signature(inputs: dict[str, Any], split: str) -> str:
     """What one image's evaluation file depends on: the weights, the inference settings and the dataset folder (not
     the split list or the class averaging, which only the summary depends on)."""
@@ -203,14 +208,11 @@ def run(
     modes = [m for m in MODES if m != "crf" or crf]
     inputs = seg_eval_inputs(cfg, layout, split, weights, modes)
     signature = file_signature(inputs, split)
-    voc_test = cfg.data.dataset == "voc12" and split == VOC_TEST_SPLIT
+    voc_test = is_voc_test(cfg, split)
     folders = [scores_dir, predictions] + ([RunPaths.voc_test_results(sdir)] if voc_test else [])
-    by_hand = shard is not None
-    lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
-    clean = [] if by_hand else [sdir, *folders]  # another shard's temporary file may be one being written
-    outputs = [*folders, summary_path]
+    outputs, clean = [*folders, summary_path], [sdir, *folders]
     label = f"stage 4 evaluation of {split!r}"
-    with claim(cfg, sdir, label, info.is_main or by_hand, lock_name, outputs if force else [], clean, device):
+    with claim_shard(cfg, sdir, label, shard, info.is_main, outputs, force, device, clean):
         try:
             finished = check_done(summary_path, inputs, stage=name)
         except StaleOutputError as e:
@@ -239,7 +241,7 @@ def _evaluate(
     mine = dist_utils.shard(ids, rank, world)
     todo = [i for i in mine if not _done(RunPaths.seg_score_file(sdir, split, i), modes, signature)]
     log.info("stage 4: %s, %d of %d images of this shard to label (modes %s)", split, len(todo), len(mine), modes)
-    voc_test = cfg.data.dataset == "voc12" and split == VOC_TEST_SPLIT
+    voc_test = is_voc_test(cfg, split)
     if todo:
         model = load_segmenter(RunPaths.model(sdir), device)
         loader = DataLoader(_Images(layout, todo), batch_size=None, num_workers=cfg.data.num_workers)
@@ -263,7 +265,7 @@ def _evaluate(
     if not all(_done(RunPaths.seg_score_file(sdir, split, i), modes, signature) for i in ids):
         log.info("stage 4: shard %d/%d done; other shards still running", rank, world)
         return {}
-    if not (info.is_main or shard is not None):
+    if not owns_folder(info.is_main, shard):
         return {}
     summary = summarise(cfg, sdir, split, ids, modes, layout.class_names)
     record = json.loads(json.dumps(inputs))

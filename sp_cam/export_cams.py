@@ -29,13 +29,13 @@ from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.cam_store import is_valid, save_cam
 from sp_cam.config import Config, load_config, save_config
-from sp_cam.guard import LOCK_FILE, check_done, shard_lock_name, write_done
+from sp_cam.guard import check_done, write_done
 from sp_cam.inference import infer_present
 from sp_cam.models import check_num_classes, load_classifier
 from sp_cam.open_data import open_dataset
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import configure_threads, setup_logging
-from sp_cam.stage_guard import claim, export_inputs
+from sp_cam.stage_guard import claim_shard, export_inputs, owns_folder
 
 log = logging.getLogger("sp_cam.export_cams")
 
@@ -99,11 +99,8 @@ def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) 
     if not weights.is_file():
         raise FileNotFoundError(f"baseline CAM weights not found: {weights} (run python -m sp_cam.train_cls cam first)")
     inputs = export_inputs(cfg, layout, weights)
-    by_hand = shard is not None
-    owner = info.is_main or by_hand
-    lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
-    clean = [] if by_hand else [out_dir]  # another shard's temporary file may be one being written
-    with claim(cfg, out_dir, "export", owner, lock_name, [out_dir] if force else [], clean, device):
+    owner = owns_folder(info.is_main, shard)
+    with claim_shard(cfg, out_dir, "export", shard, info.is_main, [out_dir], force, device):
         if check_done(done, inputs, stage="export"):
             log.info("export: %s exists, CAMs already exported", done)
             return out_dir

@@ -277,9 +277,7 @@ def _fused_scores(
         buf = acc.pop(mode)
         fused = buf[0] + buf[1].flip(-1) if buf.shape[0] > 1 else buf[0]  # (T * n, H, W), summed over the passes
         del buf
-        cam = _normalise_(fused)  # absent classes are not in the buffer: the tag mask is implicit
-        if tuple(cam.shape[-2:]) != size:
-            cam = F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0]
+        cam = upsample_maps(_normalise_(fused), size)  # absent classes are not in the buffer: the tag mask is implicit
         del fused
         cam = cam.cpu().view(len(ts), n, *size)
         for i, t in enumerate(ts):

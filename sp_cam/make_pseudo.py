@@ -45,7 +45,7 @@ from data.classes import IGNORE_INDEX
 from sp_cam import cli
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config, PseudoConfig, load_config
-from sp_cam.guard import LOCK_FILE, check_done, shard_lock_name, write_done
+from sp_cam.guard import check_done, write_done
 from sp_cam.inference import (
     UPSAMPLE_MODES,
     best_pair,
@@ -70,7 +70,7 @@ from sp_cam.score_store import (
     t_values,
     th_values,
 )
-from sp_cam.stage_guard import PSEUDO_FOLLOWS, PSEUDO_RELABEL, claim, pseudo_inputs
+from sp_cam.stage_guard import PSEUDO_FOLLOWS, PSEUDO_RELABEL, claim_shard, pseudo_inputs
 
 log = logging.getLogger("spcam.make_pseudo")
 
@@ -443,25 +443,20 @@ def run(cfg: Config, shard: tuple[int, int] | None = None, force: bool = False) 
     inputs = pseudo_inputs(cfg, layout)
     out, seg_out, heldout_out = paths.pseudo_outputs, paths.seg_label_outputs, paths.heldout_outputs
     folders = [*out.folders, *seg_out.folders, *heldout_out.folders]
-    by_hand = shard is not None
-    lock_name = shard_lock_name(shard) if by_hand else LOCK_FILE
-    clean = [] if by_hand else folders  # another shard's temporary file may be one being written
-    with claim(cfg, paths.pseudo, "pseudo labels", info.is_main or by_hand, lock_name, folders if force else [], clean,
-               device):  # fmt: skip
+    with claim_shard(cfg, paths.pseudo, "pseudo labels", shard, info.is_main, folders, force, device):
         record = label_pass(cfg, layout, inputs, out, shard, PSEUDO_RELABEL)
+        weights = {**inputs["upstream"], "cam": None}  # the passes below run no ablation
         g = cfg.seg
         if record and g.enabled and g.train_split and g.train_split != cfg.data.pseudo_split:
             log.info("stage 3: labels of seg.train_split=%r at t=%d th=%g (chosen on %r)", g.train_split, record["t"],
                      record["th"], cfg.data.pseudo_split)  # fmt: skip
             derived = seg_label_config(cfg, record)
-            weights = {**inputs["upstream"], "cam": None}  # no ablation on this pass
             label_pass(derived, layout, pseudo_inputs(derived, layout, weights), seg_out, shard, PSEUDO_FOLLOWS)
         heldout = cfg.pseudo.heldout_split
         if record and heldout and heldout != cfg.data.pseudo_split:
             if any(layout.has_gt(i) for i in layout.ids(heldout)):
                 log.info("stage 3: (t, th) chosen with GT on pseudo.heldout_split=%r too (the GT-free row)", heldout)
                 derived = heldout_config(cfg)
-                weights = {**inputs["upstream"], "cam": None}
                 label_pass(derived, layout, pseudo_inputs(derived, layout, weights), heldout_out, shard,
                            PSEUDO_RELABEL, write_labels=False)  # fmt: skip
             else:

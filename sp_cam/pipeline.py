@@ -64,11 +64,12 @@ STEP_COMMANDS: dict[str, list[tuple[list[str], list[str]]]] = {
 }
 
 
-def parse_steps(text: str) -> list[str]:
+def parse_steps(text: str, option: str = "--steps") -> list[str]:
+    """``STEP[,STEP...]`` of ``option`` (``--steps``, ``--force``): the named steps in pipeline order."""
     steps = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
-        raise ConfigError(f"--steps: unknown step(s) {unknown}; valid steps: {', '.join(STEPS)}")
+        raise ConfigError(f"{option}: unknown step(s) {unknown}; valid steps: {', '.join(STEPS)}")
     return [s for s in STEPS if s in steps]
 
 
@@ -148,15 +149,6 @@ def parse_launch(nproc: int, nnodes: str, node_rank: str, rdzv_endpoint: str, rd
         if not rdzv_id.strip() or any(c.isspace() for c in rdzv_id):
             raise ConfigError(f"--rdzv-id must be a word (the job id) with --nnodes {n}, got {rdzv_id!r}")
     return Launch(nproc, n, rank, rdzv_endpoint, rdzv_id.strip())
-
-
-def parse_force(text: str) -> list[str]:
-    """``--force STAGE[,STAGE...]``: the steps whose outputs are removed before they run."""
-    steps = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown:
-        raise ConfigError(f"--force: unknown step(s) {unknown}; valid steps: {', '.join(STEPS)}")
-    return [s for s in STEPS if s in steps]
 
 
 def run_command_in_process(module: list[str], cfg: Config, force: bool = False) -> None:
@@ -285,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         nproc = resolve_nproc(args.nproc)
         launch = parse_launch(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
-        force = parse_force(args.force)
+        force = parse_steps(args.force, "--force")  # the steps whose outputs are removed before they run
         steps = parse_steps(args.steps)
         cfg = load_config(args.config, args.overrides)
         run(cfg, steps, nproc, force=force, launch=launch)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sp_cam.inference import max_side_size, model_device, resize_to_max_side
+from sp_cam.inference import max_side_size, model_device, resize_to_max_side, upsample_maps
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,7 @@ def seg_probs(
         (K+1, H, W) float32 on the CPU, summing to 1 over the classes.
     """
     probs, size = _probs_at_max_side(model, image, scales, flip, max_side)
-    if tuple(probs.shape[-2:]) == size:
-        return probs
-    return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+    return upsample_maps(probs, size)
 
 
 @torch.no_grad()
@@ -97,9 +95,7 @@ def upsampled_argmax(probs: torch.Tensor, size: tuple[int, int], chunk_bytes: in
     step = max(1, chunk_bytes // per_class)
     best = index = None
     for c in range(0, probs.shape[0], step):
-        chunk = probs[c : c + step]
-        if tuple(chunk.shape[-2:]) != size:
-            chunk = F.interpolate(chunk[None], size=size, mode="bilinear", align_corners=False)[0]
+        chunk = upsample_maps(probs[c : c + step], size)
         value, arg = chunk.max(0)
         del chunk
         if best is None:

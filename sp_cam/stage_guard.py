@@ -32,10 +32,18 @@ import torch
 from data.voc_layout import VOCLayout
 from sp_cam import distributed as dist_utils
 from sp_cam.config import Config
-from sp_cam.guard import LOCK_FILE, StageLock, done_fingerprint, file_digest, list_digest, remove_outputs
+from sp_cam.guard import (
+    LOCK_FILE,
+    StageLock,
+    done_fingerprint,
+    file_digest,
+    list_digest,
+    remove_outputs,
+    shard_lock_name,
+)
 from sp_cam.io import remove_stale_temporaries
 from sp_cam.models import GT_LABELS, RANDOM_INIT, fcn_weights_path
-from sp_cam.paths import RunPaths
+from sp_cam.paths import LabelOutputs, RunPaths
 from sp_cam.score_store import t_values, th_values
 
 log = logging.getLogger(__name__)
@@ -152,14 +160,15 @@ def fcn_inputs(cfg: Config, layout: VOCLayout) -> dict[str, Any]:
 
 
 def seg_train_split(cfg: Config) -> str:
+    """The split stage 4 trains on: ``seg.train_split``, by default ``data.pseudo_split``."""
     return cfg.seg.train_split or cfg.data.pseudo_split
 
 
-def seg_label_done(cfg: Config) -> Path:
-    """The DONE marker of the stage-3 pass whose labels stage 4 trains on (``seg.labels=""``)."""
+def seg_label_pass(cfg: Config) -> LabelOutputs:
+    """The stage-3 pass whose labels stage 4 trains on (``seg.labels=""``): that of ``data.pseudo_split``, or the one
+    of ``seg.train_split`` when it is another split."""
     paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    outputs = paths.pseudo_outputs if seg_train_split(cfg) == cfg.data.pseudo_split else paths.seg_label_outputs
-    return outputs.done
+    return paths.pseudo_outputs if seg_train_split(cfg) == cfg.data.pseudo_split else paths.seg_label_outputs
 
 
 def seg_inputs(cfg: Config, layout: VOCLayout) -> dict[str, Any]:
@@ -171,7 +180,7 @@ def seg_inputs(cfg: Config, layout: VOCLayout) -> dict[str, Any]:
     elif cfg.seg.labels:
         labels = label_files_digest(Path(cfg.seg.labels).expanduser(), layout.ids(split))
     else:
-        labels = done_fingerprint(seg_label_done(cfg))
+        labels = done_fingerprint(seg_label_pass(cfg).done)
     eval_only = [k for k in SEG_EVAL if not (k == "max_side" and cfg.seg.select == "gt")]  # it picks the weights
     return {
         "config": {
@@ -299,3 +308,30 @@ def claim(
         if failure is not None:
             raise failure
         yield
+
+
+def owns_folder(is_main: bool, shard: tuple[int, int] | None) -> bool:
+    """Whether this process owns the folder of a command that also runs as shards launched by hand."""
+    return is_main or shard is not None
+
+
+def claim_shard(
+    cfg: Config,
+    folder: Path,
+    label: str,
+    shard: tuple[int, int] | None,
+    is_main: bool,
+    outputs: Sequence[Path],
+    force: bool,
+    device: torch.device,
+    clean: Sequence[Path] | None = None,
+) -> contextlib.AbstractContextManager[None]:
+    """:func:`claim` for a command that also runs as shards launched by hand (``--shard i/n``, see the module
+    docstring): without ``shard`` rank 0 owns ``folder`` and removes the stale temporary files of ``clean`` (default
+    ``outputs``); with it, every shard owns it under its own lock file and cleans nothing (another shard's temporary
+    file may be one being written). ``force`` removes ``outputs`` (the command refuses it with ``shard``
+    beforehand)."""
+    removed = outputs if force else []
+    if shard is None:
+        return claim(cfg, folder, label, is_main, LOCK_FILE, removed, outputs if clean is None else clean, device)
+    return claim(cfg, folder, label, owns_folder(is_main, shard), shard_lock_name(shard), removed, [], device)

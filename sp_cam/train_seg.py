@@ -47,16 +47,12 @@ from sp_cam.optim import sgd_poly
 from sp_cam.paths import RunPaths
 from sp_cam.runtime import derive_seed, seed_everything, setup_logging
 from sp_cam.seg_inference import seg_probs
-from sp_cam.stage_guard import seg_inputs, seg_train_split
+from sp_cam.stage_guard import seg_inputs, seg_label_pass, seg_train_split
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Labels
-
-
-def train_split(cfg: Config) -> str:
-    return seg_train_split(cfg)
 
 
 @dataclass(frozen=True)
@@ -94,8 +90,7 @@ def label_source(cfg: Config, layout: VOCLayout) -> tuple[LabelFolder | GTMasks,
         if not folder.is_dir():
             raise FileNotFoundError(f"label folder not found: {folder} (seg.labels)")
         return LabelFolder(folder), str(folder)
-    paths = RunPaths.from_work_dir(cfg.run.work_dir)
-    folder = paths.pseudo_labels if train_split(cfg) == cfg.data.pseudo_split else paths.seg_labels
+    folder = seg_label_pass(cfg).labels
     if not folder.is_dir():
         raise FileNotFoundError(f"pseudo labels not found: {folder} (run stage 3 first: python -m sp_cam.make_pseudo)")
     return LabelFolder(folder), "pseudo"
@@ -222,10 +217,10 @@ def run(cfg: Config, force: bool = False) -> Path:
 def _train(cfg: Config, name: str, label: str, stage: engine.Stage) -> Path:
     g = cfg.seg
     layout = stage.layout
-    ids = layout.ids(train_split(cfg))
+    ids = layout.ids(seg_train_split(cfg))
     load_label, labels = label_source(cfg, layout)
     check_labels(layout, ids, load_label, progress=stage.is_main)
-    log.info("%s: %d training images of split %r, labels: %s", label, len(ids), train_split(cfg), labels)
+    log.info("%s: %d training images of split %r, labels: %s", label, len(ids), seg_train_split(cfg), labels)
     eval_ids = _eval_ids(cfg, layout)
 
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process

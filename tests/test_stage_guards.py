@@ -398,10 +398,10 @@ def test_pipeline_passes_force_to_the_steps(toy_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train_cls, "run", lambda cfg, kind, force=False: calls.append(("cam", force)))
     monkeypatch.setattr(export_cams, "run", lambda cfg, force=False: calls.append(("export", force)))
     cfg = tiny_config(tmp_path / "work", toy_root)
-    pipeline.run(cfg, ["cam", "export"], force=pipeline.parse_force("export"))
+    pipeline.run(cfg, ["cam", "export"], force=pipeline.parse_steps("export", "--force"))
     assert calls == [("cam", False), ("export", True)]
     with pytest.raises(ValueError, match=r"--force: unknown step\(s\) \['cams'\]"):
-        pipeline.parse_force("export,cams")
+        pipeline.parse_steps("export,cams", "--force")
     with pytest.raises(ValueError, match="--force fcn: not among the steps that run"):
         pipeline.run(cfg, ["cam"], force=["fcn"])
     cmd = pipeline.torchrun_command(

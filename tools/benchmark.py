@@ -545,11 +545,11 @@ def loader_epoch(s: BenchSettings, device: torch.device, kept: bool) -> Callable
             items, batch_size=s.train_batch, num_workers=LOADER_WORKERS, persistent_workers=kept
         )
 
-    loader = make()
+    kept_loader = make() if kept else None
 
     def run() -> float:
         loss = 0.0
-        for _ in loader if kept else make():
+        for _ in kept_loader if kept_loader is not None else make():
             loss = step()
         return loss
 
