@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sp_cam.config import ConfigError
-from sp_cam.runtime import resolve_device
+from sp_cam.runtime import place_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
         convert = getattr(net, "convert_sync_batchnorm", None)
         if convert is not None:
             convert()
-            net.to(device)
+            place_model(net, device)
         return nn.parallel.DistributedDataParallel(net, device_ids=[device.index])
     n_bn = sum(type(m) in BATCH_STATISTICS_BN for m in net.modules())
     if n_bn:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from data.transforms import inference_inputs, padded_size
 from net.psam import CELL_SIZE, asam, hard_assignment, psam_upsample, random_walk_multi
 from sp_cam.metrics import IoUResult, confusion_matrix, iou_from_confusion
+from sp_cam.runtime import place_model
 
 log = logging.getLogger(__name__)
 
@@ -488,9 +489,9 @@ def evaluate_split(
         {(t, th): IoUResult}; the CAM path has t = 0 only.
     """
     if device is not None:
-        model.to(device)
+        place_model(model, device)
         if fcn is not None:
-            fcn.to(device)
+            place_model(fcn, device)
     conf = evaluate_split_confusion(model, fcn, dataset, t_list, th_list, scales, flip, max_images, **kwargs)
     return {key: iou_from_confusion(c) for key, c in conf.items()}
 

@@ -32,6 +32,7 @@ from net.spixel_fcn import SpixelNet, build_spixel_fcn, load_spixel_weights
 from sp_cam.config import ClassifierConfig, Config, ConfigError, FCNConfig, SegConfig, config_from_dict, config_to_dict
 from sp_cam.io import describe_load_error, load_checkpoint
 from sp_cam.paths import RunPaths
+from sp_cam.runtime import place_model
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def load_classifier(path: str | Path, expected_type: str, device: torch.device |
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the {expected_type} model ({describe_load_error(e)})") from None
-    return model.to(device).eval()
+    return place_model(model, device).eval()
 
 
 def check_num_classes(model: nn.Module, path: Path, num_classes: int) -> None:
@@ -207,7 +208,7 @@ def load_frozen_fcn(path: Path, device: torch.device | str) -> SpixelNet:
     Accepts the stage-1 result (``{'model': state_dict, ...}``) and published SpixelFCN / Q files alike.
     """
     fcn = build_spixel_fcn(path)  # tolerant loader: unwraps 'model' / 'state_dict', strips 'module.'
-    fcn.to(device).eval().requires_grad_(False)
+    place_model(fcn, device).eval().requires_grad_(False)
     return fcn
 
 
@@ -301,4 +302,4 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Deep
         raise ValueError(
             f"{path}: weights do not fit the {cfg.seg.backbone} DeepLab-V2 ({describe_load_error(e)})"
         ) from None
-    return model.to(device).eval()
+    return place_model(model, device).eval()

@@ -41,7 +41,7 @@ from sp_cam.models import (
 from sp_cam.open_data import train_dataset
 from sp_cam.optim import build_optimizer
 from sp_cam.paths import RunPaths
-from sp_cam.runtime import derive_seed, seed_everything, setup_logging
+from sp_cam.runtime import derive_seed, place_model, seed_everything, setup_logging
 from sp_cam.stage_guard import classifier_inputs
 
 log = logging.getLogger("sp_cam.train_cls")
@@ -330,7 +330,7 @@ def _train(cfg: Config, model_type: str, ccfg: ClassifierConfig, stage: engine.S
     eval_set = _eval_dataset(layout, cfg, ccfg, model_type)
 
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
-    net = build_classifier(ccfg, model_type, layout.num_classes).to(device)
+    net = place_model(build_classifier(ccfg, model_type, layout.num_classes), device)
     fcn = load_frozen_fcn(fcn_weights_path(cfg), device) if model_type == "spcam" else None
     train_set = train_dataset(cfg, layout)
     check_split_labels(layout, train_set.ids, cfg.data.train_split)

@@ -45,7 +45,7 @@ from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import build_fcn, fcn_payload
 from sp_cam.open_data import train_dataset
 from sp_cam.paths import RunPaths
-from sp_cam.runtime import derive_seed, seed_everything, setup_logging
+from sp_cam.runtime import derive_seed, place_model, seed_everything, setup_logging
 from sp_cam.stage_guard import fcn_inputs
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def _train(cfg: Config, paths: RunPaths, stage: engine.Stage) -> Path:
         log.info("stage 1: affinity terms never switched on (fcn.affinity_warmup=%g)", fcfg.affinity_warmup)
 
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
-    net = build_model(fcfg).to(device)
+    net = place_model(build_model(fcfg), device)
     optimizer = build_optimizer(net, fcfg)
     loss_fn = build_loss(fcfg, num_classes, mode)
     eval_set: EvalDataset | None = EvalDataset(layout, cfg.data.eval_split)

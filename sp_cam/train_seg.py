@@ -45,7 +45,7 @@ from sp_cam.metrics import confusion_matrix, iou_from_confusion
 from sp_cam.models import GT_LABELS, build_segmenter, seg_payload, seg_stage_name
 from sp_cam.optim import sgd_poly
 from sp_cam.paths import RunPaths
-from sp_cam.runtime import derive_seed, seed_everything, setup_logging
+from sp_cam.runtime import derive_seed, place_model, seed_everything, setup_logging
 from sp_cam.seg_inference import seg_probs
 from sp_cam.stage_guard import seg_inputs, seg_label_pass, seg_train_split
 
@@ -224,7 +224,7 @@ def _train(cfg: Config, name: str, label: str, stage: engine.Stage) -> Path:
     eval_ids = _eval_ids(cfg, layout)
 
     seed_everything(derive_seed(cfg.run.seed))  # the same initial weights on every process
-    net = build_segmenter(g, layout.num_classes).to(stage.device)
+    net = place_model(build_segmenter(g, layout.num_classes), stage.device)
     train_set = SegTrainDataset(layout, ids, load_label, g.crop_size, g.scales, seed=cfg.run.seed)
     groups = net.param_groups(g.head_lr_mult, g.bias_lr_mult)
     optimizer, scheduler = sgd_poly(groups, g.lr, g.momentum, g.weight_decay, False, g.iterations, g.poly_power, "seg")

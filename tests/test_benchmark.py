@@ -42,6 +42,7 @@ def test_quick_run_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
         "loader/kept",
         "loader/new_per_epoch",
         "stage3/postprocess",
+        *(f"layout/{part}_{name}" for part in benchmark.LAYOUT_PARTS for name in benchmark.LAYOUTS),
     ):
         case = report["cases"][name]
         assert case["median_s"] > 0 and case["min_s"] <= case["median_s"] <= case["max_s"], name
@@ -50,6 +51,8 @@ def test_quick_run_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
         for op in benchmark.OPS
         for form in ("fast", "reference")
     )
+    assert sorted(report["layout_speedup"]) == sorted(benchmark.LAYOUT_PARTS)
+    assert all(v > 0 for v in report["layout_speedup"].values())
     assert report["pseudo"].get("images_per_s", 0) > 0, report["pseudo"]
     # large images: peak memory per megapixel of stage 3 and 4, with and without max_side (the image 4x the pixels)
     per_mp = report["large_peak_mib_per_mp"]
@@ -80,6 +83,8 @@ def test_summary_and_targets() -> None:
         "walk/pixel_dense": {"median_s": 100.0},
         "train/cam": {"median_s": 1.0},
         "train/spcam": {"median_s": 1.5},
+        "layout/cam_contiguous": {"median_s": 3.0},
+        "layout/cam_channels_last": {"median_s": 2.0},
     }
     results |= {"large/stage3": {"peak_mib": 3000.0}, "large/stage4_max_side": {"peak_mib": 1200.0}}
     summary = benchmark.summarise(s, results, {"ops_max_abs_diff": {"pool": 1e-7, "asam": 3e-7}})
@@ -88,6 +93,7 @@ def test_summary_and_targets() -> None:
     assert summary["ops_speedup"] == 4.0 and summary["ops_max_abs_diff"] == 3e-7
     assert summary["postprocess_fraction"] == 0.2
     assert summary["rw_speedup_vs_pixel"] == 1000.0 and summary["spcam_step_ratio"] == 1.5
+    assert summary["layout_speedup"] == {"cam": 1.5, "spcam": None, "fcn": None, "stage3": None}
     targets = {t["key"]: t for t in benchmark.evaluate_targets(s, summary)}
     assert targets["ops_speedup"]["met"] and targets["spcam_step_ratio"]["met"]
     assert targets["postprocess_fraction"]["met"] is False and targets["postprocess_fraction"]["by"] == "2.00x over"

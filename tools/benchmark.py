@@ -23,6 +23,11 @@ Sections (``--sections``, all by default):
             items): a new loader every epoch, as a fresh ``iter`` forks new workers, against the
             engine's one loader whose workers live for the whole run. A fork makes the training process's next step
             copy its memory page by page (copy-on-write), once per epoch for the first.
+``layout``  the networks' weight layout (:func:`sp_cam.runtime.weight_layout`): PyTorch's default against
+            ``channels_last``, at the toy config's sizes (EfficientNet-Lite0, batch 16 at 160 x 160 for the classifiers,
+            batch 8 for the superpixel FCN, one 160 x 160 image at scales 1, 1.5, 2 with flips for stage 3): one training
+            step of the CAM baseline, of SP-CAM and of the FCN (its stage-1 loss without the affinity terms), and one
+            image's stage-3 inference (SP-CAM with t in {0, 5, 10, 20} and the CAM baseline, as the toy run scores).
 ``pseudo``  images/s of the pseudo-label command (:func:`sp_cam.make_pseudo.main`) on a generated toy dataset, with
             randomly initialised models saved in the trainer's checkpoint format (includes model loading).
 ``large``   peak memory per megapixel of one image's inference, stage 3 (:func:`sp_cam.inference.infer_present`: the
@@ -49,7 +54,7 @@ crops, one toy image, one thread, 1-2 repeats) so that it finishes in about 15-3
 issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB),
 plus about 8 minutes and 3.1 GiB for ``large``.
 ``--json OUT`` writes every figure, the summary keys ``ops_speedup``, ``ops_max_abs_diff``, ``postprocess_fraction``,
-``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``loader_kept_speedup``, ``device`` and the targets of issue 6 with, for a missed one, the top
+``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``loader_kept_speedup``, ``layout_speedup``, ``device`` and the targets of issue 6 with, for a missed one, the top
 operators of a ``torch.profiler`` run of the case that limits it.
 """
 
@@ -85,11 +90,12 @@ from net import psam_reference as ref_ops
 from sp_cam.config import ClassifierConfig, ConfigError
 from sp_cam.io import atomic_write_json
 from sp_cam.pixel_walk import PixelWalkConfig, pixel_random_walk
+from sp_cam.runtime import place_model
 
 log = logging.getLogger("spcam.benchmark")
 REPO_ROOT = Path(__file__).resolve().parents[1]  # child processes run `python -m ...` from here
 
-SECTIONS = ("ops", "stage3", "walk", "train", "loader", "pseudo", "large")
+SECTIONS = ("ops", "stage3", "walk", "train", "loader", "layout", "pseudo", "large")
 CELL_SIZE = 16  # ref: superpixel grid cell in pixels
 NUM_CLASSES = 20  # VOC: K = 20 foreground classes, K + 1 = 21 channels
 PRESENT_CLASSES = 2  # foreground classes tagged on the stage-3 image (VOC train_aug averages about 1.5)
@@ -108,6 +114,13 @@ TRAIN_CPU = (2, 256)  # issue 6: batch, crop size of the training step on CPU
 TRAIN_CUDA = (16, 512)  # issue 6: ... on CUDA
 LOADER_STEPS = 10  # batches of one loader epoch (the toy stages run 10 or 20)
 LOADER_WORKERS = 2  # data.num_workers of the toy config
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+LAYOUT_BACKBONE = "efficientnet_lite0"  # the toy config's classifier backbone
+LAYOUT_TRAIN = (16, 160)  # the toy config's classifier batch and crop
+LAYOUT_FCN_BATCH = 8  # fcn.batch_size of the toy config
+LAYOUT_SCALES = (1.0, 1.5, 2.0)  # pseudo.scales of the toy config
+LAYOUT_T_LIST = (0, 5, 10, 20)  # pseudo.t_list of the toy config
+LAYOUT_PARTS = ("cam", "spcam", "fcn", "stage3")
 TRAIN_LR = 1e-5  # the benchmark's steps run on random data: a small lr keeps the numbers finite (timing unaffected)
 PSAM_SHARPNESS = 2.0  # random PSAMs/scores: softmax of 2 * N(0, 1), roughly as peaked as a trained FCN's
 CHILD_MMAP_THRESHOLD = 65536  # bytes: the memory child mmaps allocations above this, so frees return to the OS
@@ -145,6 +158,10 @@ class BenchSettings:
     train_batch: int = TRAIN_CPU[0]
     train_size: int = TRAIN_CPU[1]
     loader_steps: int = LOADER_STEPS
+    layout_backbone: str = LAYOUT_BACKBONE
+    layout_batch: int = LAYOUT_TRAIN[0]
+    layout_size: int = LAYOUT_TRAIN[1]
+    layout_fcn_batch: int = LAYOUT_FCN_BATCH
     warmup: int = 2
     repeats: int = 7
     heavy_warmup: int = 1  # network forwards and post-processing of a whole image
@@ -177,6 +194,10 @@ QUICK = {  # --quick: a smoke run of every section (the test), well under a minu
     "backbone": "tiny",
     "train_size": 64,
     "loader_steps": 2,
+    "layout_backbone": "tiny",
+    "layout_batch": 2,
+    "layout_size": 64,
+    "layout_fcn_batch": 2,
     "warmup": 1,
     "repeats": 2,
     "heavy_warmup": 0,
@@ -386,9 +407,9 @@ def _stage3_models(s: BenchSettings, device: torch.device) -> tuple[nn.Module, n
     key = (s.backbone, str(device))
     if key not in _MODELS:
         torch.manual_seed(s.seed)
-        fcn = build_spixel_fcn("").to(device).eval()
+        fcn = place_model(build_spixel_fcn(""), device).eval()
         model = build_classifier(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
-        _MODELS[key] = (fcn, model.to(device).eval())
+        _MODELS[key] = (fcn, place_model(model, device).eval())
     return _MODELS[key]
 
 
@@ -466,22 +487,24 @@ def large_closure(s: BenchSettings, device: torch.device, stage: str, bounded: b
         from net.spixel_fcn import build_spixel_fcn
         from sp_cam.inference import infer_present
 
-        fcn = build_spixel_fcn("").to(device).eval()
+        fcn = place_model(build_spixel_fcn(""), device).eval()
         ccfg = ClassifierConfig(backbone=s.large_backbone)  # the paper's DRM widths
-        model = build_classifier(ccfg, "spcam", s.num_classes, pretrained="").to(device).eval()
+        model = place_model(build_classifier(ccfg, "spcam", s.num_classes, pretrained=""), device).eval()
         labels = torch.zeros(s.num_classes)
         labels[torch.randperm(s.num_classes, generator=_generator(s.seed))[: s.present]] = 1
         ts = list(s.t_list)
         return lambda: infer_present(model, fcn, image, labels, s.scales, True, ts, ("psam",), max_side=max_side)
     from sp_cam.seg_inference import seg_probs
 
-    model = build_segmenter(SegConfig(backbone=s.seg_backbone), s.num_classes, init="").to(device).eval()
+    model = place_model(build_segmenter(SegConfig(backbone=s.seg_backbone), s.num_classes, init=""), device).eval()
     return lambda: seg_probs(model, image, s.seg_scales, True, max_side=max_side)
 
 
-def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[], float]:
+def train_step(
+    s: BenchSettings, device: torch.device, kind: str, layout: torch.memory_format | None = None
+) -> Callable[[], float]:
     """One optimizer step of the trainers' loss (the frozen FCN's PSAM, the forward, :func:`net.cls_losses.classifier_loss`)
-    on a random batch."""
+    on a random batch; the networks in ``layout`` (default: the device's :func:`sp_cam.runtime.weight_layout`)."""
     from net.cls_losses import classifier_loss
     from net.spixel_fcn import build_spixel_fcn
     from sp_cam.models import build_classifier
@@ -489,10 +512,10 @@ def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[]
 
     torch.manual_seed(s.seed)
     ccfg = ClassifierConfig(backbone=s.backbone, lr=TRAIN_LR, batch_size=s.train_batch)
-    model = build_classifier(ccfg, kind, s.num_classes, pretrained="").to(device).train()
+    model = _placed(build_classifier(ccfg, kind, s.num_classes, pretrained=""), device, layout).train()
     fcn = None
     if kind == "spcam":
-        fcn = build_spixel_fcn("").to(device).eval().requires_grad_(False)
+        fcn = _placed(build_spixel_fcn(""), device, layout).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, ccfg, total_steps=10_000)
     gen = _generator(s.seed + 3)
     B, S = s.train_batch, s.train_size
@@ -517,6 +540,64 @@ def train_step(s: BenchSettings, device: torch.device, kind: str) -> Callable[[]
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return float(loss.detach())
+
+    return run
+
+
+def _placed(module: nn.Module, device: torch.device, layout: torch.memory_format | None) -> nn.Module:
+    """``module`` on ``device`` in ``layout``, or in the device's own layout (what the stages use) for None."""
+    return place_model(module, device) if layout is None else module.to(device=device, memory_format=layout)
+
+
+def _layout_settings(s: BenchSettings) -> BenchSettings:
+    return dataclasses.replace(s, backbone=s.layout_backbone, train_batch=s.layout_batch, train_size=s.layout_size)
+
+
+def fcn_train_step(s: BenchSettings, device: torch.device, layout: torch.memory_format) -> Callable[[], float]:
+    """One Adam step of the superpixel FCN on the stage-1 loss (saliency mode, no affinity terms), random batch."""
+    from net.fcn_loss import FCNLoss
+    from net.spixel_fcn import build_spixel_fcn
+
+    torch.manual_seed(s.seed)
+    fcn = _placed(build_spixel_fcn(""), device, layout).train()
+    optimizer = torch.optim.Adam(fcn.parameters(), lr=TRAIN_LR)
+    loss_fn = FCNLoss(s.num_classes)
+    gen = _generator(s.seed + 6)
+    B, S = s.layout_fcn_batch, s.layout_size
+    image = torch.randn(B, 3, S, S, generator=gen).to(device)
+    saliency = torch.rand(B, 1, S, S, generator=gen).to(device)
+
+    def run() -> float:
+        loss = loss_fn(fcn(image), image, saliency)["total"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return run
+
+
+def layout_inference(s: BenchSettings, device: torch.device, layout: torch.memory_format) -> Callable[[], Any]:
+    """One toy image's stage-3 inference: SP-CAM (PSAM upsampling and bilinear, every t) and the CAM baseline."""
+    from net.spixel_fcn import build_spixel_fcn
+    from sp_cam.inference import infer_present
+    from sp_cam.models import build_classifier
+
+    torch.manual_seed(s.seed)
+    ccfg = ClassifierConfig(backbone=s.layout_backbone)
+    fcn = _placed(build_spixel_fcn(""), device, layout).eval()
+    spcam = _placed(build_classifier(ccfg, "spcam", s.num_classes, pretrained=""), device, layout).eval()
+    cam = _placed(build_classifier(ccfg, "cam", s.num_classes, pretrained=""), device, layout).eval()
+    gen = _generator(s.seed + 7)
+    image = torch.randn(1, 3, s.layout_size, s.layout_size, generator=gen).to(device)
+    labels = torch.zeros(s.num_classes)
+    labels[torch.randperm(s.num_classes, generator=gen)[: s.present]] = 1
+    ts = list(LAYOUT_T_LIST)
+
+    @torch.no_grad()
+    def run() -> Any:
+        infer_present(spcam, fcn, image, labels, LAYOUT_SCALES, True, ts, ("psam", "bilinear"))
+        return infer_present(cam, None, image, labels, LAYOUT_SCALES, True, [0], ("bilinear",))
 
     return run
 
@@ -565,10 +646,10 @@ def train_breakdown(s: BenchSettings, device: torch.device) -> dict[str, float]:
 
     torch.manual_seed(s.seed)
     model = build_classifier(ClassifierConfig(backbone=s.backbone), "spcam", s.num_classes, pretrained="")
-    model = model.to(device).train()
+    model = place_model(model, device).train()
     if not (hasattr(model, "get_qfeats") and hasattr(model, "get_tran_conv")):
         return {}
-    fcn = build_spixel_fcn("").to(device).eval().requires_grad_(False)
+    fcn = place_model(build_spixel_fcn(""), device).eval().requires_grad_(False)
     B, S = s.train_batch, s.train_size
     h = S // CELL_SIZE
     gen = _generator(s.seed + 4)
@@ -729,6 +810,19 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
                     group="loader",
                 )
             )
+    if "layout" in s.sections:
+        ls = _layout_settings(s)
+        train_note = f"batch {ls.train_batch} at {ls.train_size}x{ls.train_size}, {ls.backbone}"
+        fcn_note = f"batch {s.layout_fcn_batch} at {ls.train_size}x{ls.train_size}"
+        infer_note = f"{ls.train_size}x{ls.train_size}, scales {list(LAYOUT_SCALES)} + flips, {ls.backbone}"
+        for name, layout in LAYOUTS.items():
+            for part, note, make in (  # the order of LAYOUT_PARTS
+                ("cam", train_note, lambda layout=layout: train_step(ls, device, "cam", layout)),
+                ("spcam", train_note, lambda layout=layout: train_step(ls, device, "spcam", layout)),
+                ("fcn", fcn_note, lambda layout=layout: fcn_train_step(s, device, layout)),
+                ("stage3", infer_note, lambda layout=layout: layout_inference(s, device, layout)),
+            ):
+                cases.append(Case(f"layout/{part}_{name}", "layout", make, memory=False, note=note, group="layout"))
     return cases
 
 
@@ -1008,6 +1102,9 @@ def summarise(s: BenchSettings, results: dict[str, dict[str, Any]], checks: dict
     summary["rw_speedup_vs_pixel_sparse"] = _ratio(med("walk/pixel_sparse"), med("walk/superpixel"))
     summary["spcam_step_ratio"] = _ratio(med("train/spcam"), med("train/cam"))
     summary["loader_kept_speedup"] = _ratio(med("loader/new_per_epoch"), med("loader/kept"))
+    layout = {p: _ratio(med(f"layout/{p}_contiguous"), med(f"layout/{p}_channels_last")) for p in LAYOUT_PARTS}
+    if any(v is not None for v in layout.values()):
+        summary["layout_speedup"] = layout
     large = {}
     for stage in ("stage3", "stage4"):
         for bounded, size in ((False, s.large_size), (True, s.large_image)):
@@ -1116,6 +1213,7 @@ def markdown(report: dict[str, Any]) -> str:
         "rw_speedup_vs_pixel_sparse",
         "spcam_step_ratio",
         "loader_kept_speedup",
+        "layout_speedup",
         "pseudo_images_per_s",
         "stage3_label_agreement",
         "pixel_walk_dense_vs_sparse_max_abs_diff",

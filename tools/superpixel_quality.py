@@ -29,7 +29,7 @@ from net.psam import CELL_SIZE, hard_assignment, pad_to_multiple
 from net.spixel_fcn import INPUT_MULTIPLE, SpixelNet, build_spixel_fcn
 from sp_cam import superpixel_metrics as M
 from sp_cam.io import atomic_write_json
-from sp_cam.runtime import configure_threads, resolve_device, setup_logging
+from sp_cam.runtime import configure_threads, place_model, resolve_device, setup_logging
 
 log = logging.getLogger("superpixel_quality")
 
@@ -92,7 +92,7 @@ def evaluate(
         raise ValueError(f"{layout.list_file(split)}: no image of split {split!r} has a GT mask under {layout.root}")
     from tqdm import tqdm
 
-    model.to(device).eval()
+    place_model(model, device).eval()
     first = layout.load_image(ids[0])
     fcn_superpixels(model, first, cell_size, device)  # warm-up: the first call pays for allocation and kernel choice
     rows: dict[str, list[dict[str, float]]] = {"fcn": [], "slic": []}
