@@ -57,9 +57,10 @@ def weight_layout(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
-def place_model(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """``module`` moved to ``device`` in that device's :func:`weight_layout` (in place); returns it."""
-    return module.to(device=device, memory_format=weight_layout(device))
+def place_model(module: nn.Module, device: torch.device | str, layout: torch.memory_format | None = None) -> nn.Module:
+    """``module`` moved to ``device`` in ``layout``, by default that device's :func:`weight_layout` (in place);
+    returns it."""
+    return module.to(device=device, memory_format=weight_layout(device) if layout is None else layout)
 
 
 def configure_threads(num_threads: int) -> None:

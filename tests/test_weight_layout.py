@@ -34,6 +34,8 @@ def test_place_model_converts_every_conv_weight_in_place() -> None:
     assert place_model(model, "cpu") is model
     weights = _conv_weights(model)
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    place_model(model, "cpu", torch.contiguous_format)  # an explicit layout wins over the device's
+    assert all(w.is_contiguous() for w in _conv_weights(model))
 
 
 def _step(model: nn.Module, fcn: nn.Module, x, labels, sal):
@@ -55,7 +57,8 @@ def test_sp_cam_step_in_channels_last_equals_the_default_layout() -> None:
     logits, grads = _step(model, fcn, x, labels, sal)
     model_cl, fcn_cl = copy.deepcopy(model), copy.deepcopy(fcn)
     model_cl.zero_grad(set_to_none=True)
-    place_model(model_cl, "cpu"), place_model(fcn_cl, "cpu")
+    place_model(model_cl, "cpu")
+    place_model(fcn_cl, "cpu")
     logits_cl, grads_cl = _step(model_cl, fcn_cl, x, labels, sal)
     torch.testing.assert_close(logits_cl, logits, rtol=1e-4, atol=1e-5)
     assert grads_cl.keys() == grads.keys() and len(grads) == len(list(model.parameters()))

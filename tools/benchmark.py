@@ -54,8 +54,8 @@ crops, one toy image, one thread, 1-2 repeats) so that it finishes in about 15-3
 issue's figures. A full CPU run takes about 10 minutes, most of it the dense pixel walk (about 5 minutes, 1.6 GiB),
 plus about 8 minutes and 3.1 GiB for ``large``.
 ``--json OUT`` writes every figure, the summary keys ``ops_speedup``, ``ops_max_abs_diff``, ``postprocess_fraction``,
-``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``loader_kept_speedup``, ``layout_speedup``, ``device`` and the targets of issue 6 with, for a missed one, the top
-operators of a ``torch.profiler`` run of the case that limits it.
+``rw_speedup_vs_pixel``, ``spcam_step_ratio``, ``loader_kept_speedup``, ``layout_speedup``, ``device`` and the
+targets of issue 6 with, for a missed one, the top operators of a ``torch.profiler`` run of the case that limits it.
 """
 
 from __future__ import annotations
@@ -512,10 +512,10 @@ def train_step(
 
     torch.manual_seed(s.seed)
     ccfg = ClassifierConfig(backbone=s.backbone, lr=TRAIN_LR, batch_size=s.train_batch)
-    model = _placed(build_classifier(ccfg, kind, s.num_classes, pretrained=""), device, layout).train()
+    model = place_model(build_classifier(ccfg, kind, s.num_classes, pretrained=""), device, layout).train()
     fcn = None
     if kind == "spcam":
-        fcn = _placed(build_spixel_fcn(""), device, layout).eval().requires_grad_(False)
+        fcn = place_model(build_spixel_fcn(""), device, layout).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, ccfg, total_steps=10_000)
     gen = _generator(s.seed + 3)
     B, S = s.train_batch, s.train_size
@@ -544,11 +544,6 @@ def train_step(
     return run
 
 
-def _placed(module: nn.Module, device: torch.device, layout: torch.memory_format | None) -> nn.Module:
-    """``module`` on ``device`` in ``layout``, or in the device's own layout (what the stages use) for None."""
-    return place_model(module, device) if layout is None else module.to(device=device, memory_format=layout)
-
-
 def _layout_settings(s: BenchSettings) -> BenchSettings:
     return dataclasses.replace(s, backbone=s.layout_backbone, train_batch=s.layout_batch, train_size=s.layout_size)
 
@@ -559,7 +554,7 @@ def fcn_train_step(s: BenchSettings, device: torch.device, layout: torch.memory_
     from net.spixel_fcn import build_spixel_fcn
 
     torch.manual_seed(s.seed)
-    fcn = _placed(build_spixel_fcn(""), device, layout).train()
+    fcn = place_model(build_spixel_fcn(""), device, layout).train()
     optimizer = torch.optim.Adam(fcn.parameters(), lr=TRAIN_LR)
     loss_fn = FCNLoss(s.num_classes)
     gen = _generator(s.seed + 6)
@@ -585,9 +580,9 @@ def layout_inference(s: BenchSettings, device: torch.device, layout: torch.memor
 
     torch.manual_seed(s.seed)
     ccfg = ClassifierConfig(backbone=s.layout_backbone)
-    fcn = _placed(build_spixel_fcn(""), device, layout).eval()
-    spcam = _placed(build_classifier(ccfg, "spcam", s.num_classes, pretrained=""), device, layout).eval()
-    cam = _placed(build_classifier(ccfg, "cam", s.num_classes, pretrained=""), device, layout).eval()
+    fcn = place_model(build_spixel_fcn(""), device, layout).eval()
+    spcam = place_model(build_classifier(ccfg, "spcam", s.num_classes, pretrained=""), device, layout).eval()
+    cam = place_model(build_classifier(ccfg, "cam", s.num_classes, pretrained=""), device, layout).eval()
     gen = _generator(s.seed + 7)
     image = torch.randn(1, 3, s.layout_size, s.layout_size, generator=gen).to(device)
     labels = torch.zeros(s.num_classes)
@@ -816,12 +811,14 @@ def build_cases(s: BenchSettings, device: torch.device) -> list[Case]:
         fcn_note = f"batch {s.layout_fcn_batch} at {ls.train_size}x{ls.train_size}"
         infer_note = f"{ls.train_size}x{ls.train_size}, scales {list(LAYOUT_SCALES)} + flips, {ls.backbone}"
         for name, layout in LAYOUTS.items():
-            for part, note, make in (  # the order of LAYOUT_PARTS
-                ("cam", train_note, lambda layout=layout: train_step(ls, device, "cam", layout)),
-                ("spcam", train_note, lambda layout=layout: train_step(ls, device, "spcam", layout)),
-                ("fcn", fcn_note, lambda layout=layout: fcn_train_step(s, device, layout)),
-                ("stage3", infer_note, lambda layout=layout: layout_inference(s, device, layout)),
-            ):
+            parts = {
+                "cam": (train_note, lambda layout=layout: train_step(ls, device, "cam", layout)),
+                "spcam": (train_note, lambda layout=layout: train_step(ls, device, "spcam", layout)),
+                "fcn": (fcn_note, lambda layout=layout: fcn_train_step(s, device, layout)),
+                "stage3": (infer_note, lambda layout=layout: layout_inference(s, device, layout)),
+            }
+            for part in LAYOUT_PARTS:
+                note, make = parts[part]
                 cases.append(Case(f"layout/{part}_{name}", "layout", make, memory=False, note=note, group="layout"))
     return cases
 
